@@ -1,0 +1,2 @@
+"""eqprop: Equilibrium Propagation for convergent recurrent networks, in PyTorch."""
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""The bounded activations σ of the papers, each with its derivative.
+
+The derivative is needed by analyses that compare neuron updates with BPTT
+(SPEC §5) and by vector-field rules; the dynamics only use ``fn``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A named activation σ and its derivative σ'."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+    description: str
+
+
+def _scaled_sigmoid(u: Tensor) -> Tensor:
+    return torch.sigmoid(4.0 * u - 2.0)
+
+
+def _scaled_sigmoid_derivative(u: Tensor) -> Tensor:
+    s = _scaled_sigmoid(u)
+    return 4.0 * s * (1.0 - s)
+
+
+def _hard_sigmoid(u: Tensor) -> Tensor:
+    return u.clamp(0.0, 1.0)
+
+
+def _hard_sigmoid_derivative(u: Tensor) -> Tensor:
+    return ((u > 0) & (u < 1)).to(u.dtype)
+
+
+def _half_hard_sigmoid(u: Tensor) -> Tensor:
+    return (0.5 * u).clamp(0.0, 1.0)
+
+
+def _half_hard_sigmoid_derivative(u: Tensor) -> Tensor:
+    return 0.5 * ((u > 0) & (u < 2)).to(u.dtype)
+
+
+def _tanh_derivative(u: Tensor) -> Tensor:
+    return 1.0 - torch.tanh(u) ** 2
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("scaled_sigmoid", _scaled_sigmoid, _scaled_sigmoid_derivative,
+                   "1/(1+exp(-4(u-0.5))), the C-EP paper and Laborieux's MNIST runs"),
+        Activation("hard_sigmoid", _hard_sigmoid, _hard_sigmoid_derivative,
+                   "clamp(u, 0, 1)"),
+        Activation("half_hard_sigmoid", _half_hard_sigmoid, _half_hard_sigmoid_derivative,
+                   "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets"),
+        Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check"),
+    )
+}
+
+
+def get_activation(name: str) -> Activation:
+    """Return the activation called ``name``; ValueError lists the valid names."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None

@@ -1,0 +1,166 @@
+"""The ``eqprop`` command line: ``train``, ``presets``, ``eval``.
+
+Exit status: 0 on success, 2 on a usage or configuration error, 1 on any
+other failure (data, checkpoint, divergence), 130 when interrupted. Errors are
+one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import ConfigError, RunConfig, apply_override, load_config_file, validate_config
+from .data import DataError
+from .presets import load_preset, preset_names
+
+DEFAULT_PRESET = "demo"
+
+
+class UsageError(Exception):
+    """Wrong command-line usage (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line instead of exiting by itself."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="eqprop", description="Equilibrium Propagation for convergent RNNs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a network (default: the offline demo preset)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"a named configuration (see 'eqprop presets'; default {DEFAULT_PRESET})")
+    source.add_argument("--config", type=Path, help="a YAML configuration file")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="change one setting, e.g. --set dynamics.beta=0.2 (repeatable)")
+    train.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    train.add_argument("--train-subset", type=int, help="train on the first N samples (data.train_subset)")
+    train.add_argument("--test-subset", type=int, help="test on the first N samples (data.test_subset)")
+    train.add_argument("--seed", type=int, help="random seed (train.seed)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    train.add_argument("--threads", type=int, help="CPU threads for torch (train.threads)")
+    _add_data_arguments(train)
+    train.add_argument("--out", type=Path, help="run folder (default runs/NAME-TIMESTAMP)")
+    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    commands.add_parser("presets", help="list the presets, one line each")
+
+    evaluate = commands.add_parser("eval", help="test error of a saved checkpoint")
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt of a run")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--test-subset", type=int, help="evaluate on the first N test samples")
+    _add_data_arguments(evaluate)
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="data root holding mnist/ and cifar10/ "
+                                           "(default: $EQPROP_DATA, then ~/.cache/eqprop/data)")
+    parser.add_argument("--download", action="store_true", help="fetch missing files from the official sources")
+
+
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration: preset or file (or ``base``), then --set, then the shortcut flags."""
+    if args.config is not None:
+        data = load_config_file(args.config)
+    elif args.preset is not None or base is None:
+        data = load_preset(args.preset or DEFAULT_PRESET)
+    else:
+        data = base
+    for assignment in args.overrides:
+        apply_override(data, assignment)
+    shortcuts = {"train.epochs": args.epochs, "data.train_subset": args.train_subset,
+                 "data.test_subset": args.test_subset, "train.seed": args.seed,
+                 "train.device": args.device, "train.threads": args.threads}
+    for key, value in shortcuts.items():
+        if value is not None:
+            section, field = key.split(".")
+            data.setdefault(section, {})[field] = value
+    return validate_config(data)
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from .training.trainer import CHECKPOINT, checkpoint_config, train
+
+    if args.resume is not None:
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise UsageError("--resume continues in its own folder; leave out --out")
+        stored = checkpoint_config(args.resume / CHECKPOINT).model_dump(mode="json")
+        config = resolve_config(args, base=stored)
+        out_dir = args.resume
+    else:
+        config = resolve_config(args)
+        out_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"eqprop train: {config.name} -> {out_dir}", flush=True)
+    try:
+        records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
+                        resume=args.resume is not None,
+                        show_progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"eqprop: interrupted; the last completed epoch is saved: continue with "
+              f"'eqprop train --resume {out_dir}'", file=sys.stderr)
+        return 130
+    if records:
+        last = records[-1]
+        print(f"done: test error {100 * last['test_error']:.2f}% after epoch {last['epoch']}; outputs in {out_dir}")
+    return 0
+
+
+def command_presets(args: argparse.Namespace) -> int:
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {load_preset(name).get('description', '')}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from .training.trainer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, download=args.download,
+                                 device=args.device, test_subset=args.test_subset)
+    print(f"epoch {result['epoch']}: test error {100 * result['test_error']:.2f}%  "
+          f"test loss {result['test_loss']:.4f}  ({result['samples']} samples)")
+    return 0
+
+
+COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``eqprop`` command; returns the exit status."""
+    from .training import CheckpointError, DivergenceError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError) as error:
+        return _fail(error, 2)
+    except (DataError, CheckpointError, DivergenceError) as error:
+        return _fail(error, 1)
+    except KeyboardInterrupt:
+        print("eqprop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug or an OS error: still one line unless debugging
+        if os.environ.get("EQPROP_DEBUG"):
+            raise
+        return _fail(f"{type(error).__name__}: {error} (set EQPROP_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(error: object, status: int) -> int:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"eqprop: error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The typed, validated run configuration (pydantic), and how it is read and changed.
+
+A run is fully described by a :class:`RunConfig`: presets are YAML files of
+this schema, ``--config FILE.yaml`` reads one, ``--set a.b=value`` changes one
+field. Unknown keys and out-of-range values are refused with a one-line
+:class:`ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, ValidationError, model_validator
+
+from .activations import ACTIVATIONS
+
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; its message is one line naming the key."""
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MLPConfig(Strict):
+    """A fully connected P-MLP: ``sizes`` = [input, hidden..., classes]."""
+
+    kind: Literal["mlp"] = "mlp"
+    sizes: list[PositiveInt] = Field(default_factory=lambda: [784, 512, 10], min_length=2)
+    activation: str = "scaled_sigmoid"
+    loss: Literal["mse", "ce"] = "mse"
+    nudge: Literal["inside", "outside"] = Field(
+        "inside", description="add β(y - s) inside σ (Laborieux 2021) or after it (Ernoult 2020)")
+    init_scale: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MLPConfig":
+        _check_activation(self.activation)
+        if self.loss == "ce" and len(self.sizes) < 3:
+            raise ValueError("sizes: the softmax readout (loss ce) needs at least one hidden layer")
+        return self
+
+
+class CNNConfig(Strict):
+    """A P-CNN: conv layers (each followed by 2x2 max-pooling), then fully connected layers."""
+
+    kind: Literal["cnn"] = "cnn"
+    input_shape: list[PositiveInt] = Field(default_factory=lambda: [3, 32, 32], min_length=3, max_length=3)
+    channels: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512, 512], min_length=1)
+    kernels: list[PositiveInt] = Field(default_factory=lambda: [3, 3, 3, 3], min_length=1)
+    strides: list[PositiveInt] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1)
+    paddings: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 1, 1, 0], min_length=1)
+    fc: list[PositiveInt] = Field(default_factory=lambda: [10], min_length=1)
+    activation: str = "half_hard_sigmoid"
+    loss: Literal["mse", "ce"] = "ce"
+    nudge: Literal["inside", "outside"] = "inside"
+    dropout: Fraction = 0.0
+    init_scale: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "CNNConfig":
+        _check_activation(self.activation)
+        n = len(self.channels)
+        for key in ("kernels", "strides", "paddings"):
+            if len(getattr(self, key)) != n:
+                raise ValueError(f"{key}: needs one value per conv layer ({n}), got {len(getattr(self, key))}")
+        return self
+
+
+def _check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _model_kind(value: Any) -> str:
+    """The model kind of raw or validated data; a mapping without ``kind`` is an MLP."""
+    if isinstance(value, dict):
+        return value.get("kind", "mlp")
+    return getattr(value, "kind", "mlp")
+
+
+ModelConfig = Annotated[Union[Annotated[MLPConfig, Tag("mlp")], Annotated[CNNConfig, Tag("cnn")]],
+                        Discriminator(_model_kind)]
+
+
+class DataConfig(Strict):
+    """Which dataset, how much of it, and how it is preprocessed."""
+
+    dataset: Literal["mnist", "mnist-demo", "cifar10"] = "mnist"
+    train_subset: PositiveInt | None = Field(None, description="use only the first N training samples")
+    test_subset: PositiveInt | None = Field(None, description="use only the first N test samples")
+    mean: list[float] | None = Field(None, description="per-channel mean subtracted after x/255")
+    std: list[PositiveFloat] | None = Field(None, description="per-channel std divided by after x/255")
+    augment: bool = Field(False, description="random crop (edge padding) and horizontal flip")
+    crop_padding: Annotated[int, Field(ge=0)] = 4
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean: give std too (both or neither)")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError("std: needs one value per channel of mean")
+        return self
+
+
+class DynamicsConfig(Strict):
+    """Phase lengths and nudging strength."""
+
+    t1: PositiveInt = Field(30, description="free-phase steps")
+    t2: PositiveInt = Field(10, description="nudged-phase steps (K)")
+    beta: PositiveFloat = Field(0.1, description="nudging strength (> 0; estimators choose its sign)")
+
+
+class EstimatorConfig(Strict):
+    """Which gradient estimator, and its own options."""
+
+    name: str = "symmetric"
+    bptt_steps: PositiveInt | Literal["all"] | None = Field(
+        None, description="BPTT only: steps to backpropagate through (default T2, 'all' = T1)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EstimatorConfig":
+        from .estimators import ESTIMATORS
+        if self.name not in ESTIMATORS:
+            raise ValueError(f"name: unknown estimator {self.name!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+        return self
+
+
+class OptimConfig(Strict):
+    """Optimizer with one learning rate per layer (input first, readout last)."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: list[PositiveFloat] = Field(default_factory=lambda: [0.08, 0.04], min_length=1)
+    momentum: Fraction = 0.0
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["constant", "cosine"] = "constant"
+    t_max: PositiveInt | None = Field(None, description="cosine: epochs to anneal over (default: all); constant after")
+    eta_min: NonNegativeFloat = Field(0.0, description="cosine: final learning rate of every layer")
+
+
+class TrainConfig(Strict):
+    """Epochs, batches and the run's environment."""
+
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 20
+    test_batch_size: PositiveInt = 1000
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: PositiveInt | None = Field(1, description="CPU threads for torch (None: torch's default)")
+    dtype: Literal["float32", "float64"] = "float32"
+    tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
+
+
+class RunConfig(Strict):
+    """Everything that defines a training run."""
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = Field(default_factory=MLPConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# -- reading, changing, writing -------------------------------------------------
+def _describe(error: ValidationError) -> str:
+    """The first validation problem as ``key.path: message``."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"] if part not in ("mlp", "cnn")]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "union_tag_invalid":
+        message = "unknown model kind; choose mlp or cnn"
+        loc.append("kind")
+    field, sep, rest = message.partition(": ")
+    if sep and field.isidentifier():  # a model validator naming the field it refuses
+        loc.append(field)
+        message = rest
+    key = ".".join(loc)
+    return f"{key}: {message}" if key else message
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from plain data, or raise a one-line :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration must be a mapping of sections (model, data, dynamics, ...)")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid configuration: {_describe(error)}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML configuration file into plain data (validated later)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` (value parsed as YAML) to plain configuration data."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The resolved configuration as YAML text (what ``config.yaml`` of a run holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,112 @@
+"""The estimator interface: which phases run, and how their states become a gradient.
+
+An estimator's :meth:`Estimator.estimate` returns ``∇̂``, the estimate of
+``-∂L/∂θ`` (the direction the weights should move), for every trainable
+parameter of the model in ``model.trainable_parameters()`` order;
+:meth:`Estimator.fill_grads` stores ``p.grad = -∇̂`` so any ``torch.optim``
+optimizer applies it. Register a new estimator with :func:`register`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..dynamics import run_phase
+from ..models.base import Clamped, EnergyModel, State
+
+
+@dataclass(frozen=True)
+class Phases:
+    """How long each phase runs and how hard the nudged phases pull."""
+
+    t1: int          # free-phase steps
+    t2: int          # nudged-phase steps (K)
+    beta: float      # nudging strength
+
+
+@dataclass
+class Estimate:
+    """An estimator's result for one mini-batch.
+
+    ``direction`` holds ∇̂ ≈ -∂L/∂θ per trainable parameter; ``free_state`` is
+    the free steady state s*, from which the prediction and loss are read.
+    """
+
+    direction: list[Tensor]
+    free_state: State
+
+
+class Estimator(ABC):
+    """Base class of gradient estimators; subclasses define :meth:`estimate`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
+        self.phases = phases
+        self.generator = generator
+
+    @abstractmethod
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+        """Run the phases on batch ``x`` with one-hot ``target`` and return ∇̂."""
+
+    def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+        """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter."""
+        result = self.estimate(model, x, target)
+        for p, d in zip(model.trainable_parameters(), result.direction):
+            p.grad = d.neg()
+        return result
+
+    # -- the phases shared by the EP estimators --------------------------------
+    def free_phase(self, model: EnergyModel, clamped: Clamped) -> State:
+        """T1 steps at β = 0 from the model's initial state."""
+        return run_phase(model, clamped, model.init_state(clamped.x), self.phases.t1)
+
+    def nudged_phase(self, model: EnergyModel, clamped: Clamped, free: State, beta: float,
+                     target: Tensor) -> State:
+        """T2 steps at ``beta`` starting from the free steady state."""
+        return run_phase(model, clamped, free, self.phases.t2, beta, target)
+
+
+def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,
+                  first: tuple[State, float], second: tuple[State, float]) -> list[Tensor]:
+    """``(G_{β2}(s2) - G_{β1}(s1)) / (β2 - β1)``: the EP estimate from two phases.
+
+    G_β = ∂Φ_β/∂θ with Φ_β = Φ - βℓ: Φ's parameters get ``G(s2) - G(s1)``, the
+    head's parameters (if any) the difference of their ``-βℓ`` gradients.
+    """
+    (s1, b1), (s2, b2) = first, second
+    scale = 1.0 / (b2 - b1)
+    grads = model.param_grads_difference(clamped, s2, s1)
+    head = [torch.zeros_like(p) for p in model.head.parameters()]
+    for state, beta, sign in ((s2, b2, 1.0), (s1, b1, -1.0)):
+        if beta != 0.0:
+            for total, g in zip(head, model.head.param_grads(state[-1], target, beta)):
+                total.add_(g, alpha=sign)
+    return [g.mul_(scale) for g in grads + head]
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
+E = TypeVar("E", bound=type[Estimator])
+
+
+def register(name: str) -> Callable[[E], E]:
+    """Class decorator: make an estimator available by ``name`` in configs."""
+    def add(cls: E) -> E:
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+    return add
+
+
+def build_estimator(name: str, phases: Phases, generator: torch.Generator | None = None,
+                    **options: object) -> Estimator:
+    """Instantiate the estimator registered as ``name``."""
+    try:
+        cls = ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}") from None
+    return cls(phases, generator, **options)

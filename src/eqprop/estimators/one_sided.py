@@ -1,0 +1,25 @@
+"""One-sided EP: free phase, one nudged phase at +β; ∇̂ = (G(s^β) - G(s*)) / β."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.base import EnergyModel
+from .base import Estimate, Estimator, ep_difference, register
+
+
+@register("one_sided")
+class OneSidedEP(Estimator):
+    """The original EP estimate (Scellier & Bengio 2017); bias O(β)."""
+
+    def beta(self) -> float:
+        """The nudging strength of this batch (random-sign EP overrides it)."""
+        return self.phases.beta
+
+    @torch.no_grad()
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+        clamped = model.clamp(x)
+        free = self.free_phase(model, clamped)
+        beta = self.beta()
+        nudged = self.nudged_phase(model, clamped, free, beta, target)
+        return Estimate(ep_difference(model, clamped, target, (free, 0.0), (nudged, beta)), free)

@@ -1,0 +1,26 @@
+"""Symmetric (three-phase) EP, Laborieux 2021 eq. 14.
+
+Both nudged phases start from the free steady state s*:
+``∇̂ = (G(s^{+β}) - G(s^{-β})) / (2β)``, whose bias is O(β²) instead of O(β).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.base import EnergyModel
+from .base import Estimate, Estimator, ep_difference, register
+
+
+@register("symmetric")
+class SymmetricEP(Estimator):
+    """Free phase, then +β and -β nudged phases, each from s*."""
+
+    @torch.no_grad()
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+        clamped = model.clamp(x)
+        free = self.free_phase(model, clamped)
+        beta = self.phases.beta
+        plus = self.nudged_phase(model, clamped, free, beta, target)
+        minus = self.nudged_phase(model, clamped, free, -beta, target)
+        return Estimate(ep_difference(model, clamped, target, (minus, -beta), (plus, beta)), free)

@@ -1,0 +1,5 @@
+"""Convergent RNN models. ``build_model`` turns a model configuration into a network."""
+from .base import Clamped, EnergyModel, State
+from .mlp import PMLP
+
+__all__ = ["Clamped", "EnergyModel", "PMLP", "State"]

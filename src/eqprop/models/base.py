@@ -1,0 +1,124 @@
+"""The interface every convergent RNN of eqprop implements.
+
+Conventions (once, for the whole package): layers are indexed input first.
+The input x = s^0 is clamped; the state is the list ``[s^1, ..., s^N]``;
+``W_n`` maps s^{n-1} into s^n. Prototypical models derive their dynamics from
+a scalar primitive Φ (SPEC §1): ``s_{t+1} = σ(∂Φ/∂s(x, s_t))``, all layers
+updated synchronously from the state at step t.
+
+A subclass must give :meth:`phi` and :meth:`init_state`. The default
+:meth:`preactivations` and :meth:`param_grads` differentiate Φ with autograd,
+so a user-defined model works with only Φ; the built-in models override both
+with closed forms (no autograd per step), which tests check against Φ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..activations import Activation
+from ..heads import Head
+
+State = list[Tensor]
+
+
+@dataclass
+class Clamped:
+    """The clamped input of a batch, and what a model precomputes from it once.
+
+    ``drive`` is the bottom-up input of the first layer (e.g. ``W_1 x + b_1``):
+    it does not change from step to step, or from phase to phase, so models
+    compute it once per batch instead of at every step.
+    """
+
+    x: Tensor
+    drive: Tensor | None = None
+
+
+class EnergyModel(nn.Module):
+    """A prototypical (bidirectional) convergent RNN with primitive Φ and a head."""
+
+    activation: Activation
+    head: Head
+
+    # -- what a model must define -------------------------------------------------
+    def init_state(self, x: Tensor) -> State:
+        """The initial state s_0 for input ``x`` (zeros, like the papers)."""
+        raise NotImplementedError
+
+    def phi(self, x: Tensor, state: State) -> Tensor:
+        """The primitive Φ(x, s) per sample, ``[B]`` (the head is not part of it)."""
+        raise NotImplementedError
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """The parameters Φ depends on, in the order of :meth:`param_grads`."""
+        return [p for name, p in self.named_parameters() if not name.startswith("head.")]
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped by layer, input first, the head's last (one learning rate each)."""
+        raise NotImplementedError
+
+    # -- dynamics ----------------------------------------------------------------
+    def clamp(self, x: Tensor) -> Clamped:
+        """Precompute what stays constant while ``x`` is clamped (see :class:`Clamped`)."""
+        return Clamped(x)
+
+    def preactivations(self, clamped: Clamped, state: State) -> State:
+        """``∂Φ/∂s^n`` for every layer, by autograd of :meth:`phi` (override with a closed form)."""
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            leaves = [s if s.requires_grad else s.detach().requires_grad_() for s in state]
+            phi = self.phi(clamped.x, leaves).sum()
+            return list(torch.autograd.grad(phi, leaves, create_graph=keep_graph))
+
+    def step(self, clamped: Clamped, state: State, beta: float = 0.0,
+             target: Tensor | None = None) -> State:
+        """One synchronous step ``s ← σ(∂Φ_β/∂s)``; β ≠ 0 adds the head's nudge."""
+        pre = self.preactivations(clamped, state)
+        sigma = self.activation.fn
+        if beta == 0.0:
+            return [sigma(u) for u in pre]
+        nudge = self.head.nudge(state[-1], target, beta)
+        if self.head.nudge_inside:
+            pre[-1] = pre[-1] + nudge
+            return [sigma(u) for u in pre]
+        new = [sigma(u) for u in pre]
+        new[-1] = new[-1] + nudge
+        return new
+
+    # -- learning ----------------------------------------------------------------
+    def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
+        """``G(s) = ∂Φ/∂θ``, batch mean, aligned with :meth:`phi_parameters` (autograd default)."""
+        params = self.phi_parameters()
+        with torch.enable_grad():
+            phi = self.phi(clamped.x, [s.detach() for s in state]).mean()
+            grads = torch.autograd.grad(phi, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
+        """``G(second) - G(first)``: what every EP estimate needs (override to share work,
+        e.g. the clamped input is the same in both states)."""
+        return [a - b for a, b in zip(self.param_grads(clamped, second), self.param_grads(clamped, first))]
+
+    def nudged_param_grads(self, clamped: Clamped, state: State, beta: float,
+                           target: Tensor) -> list[Tensor]:
+        """``G_β(s) = ∂Φ_β/∂θ`` for all trainable parameters, in :meth:`trainable_parameters` order.
+
+        Φ_β = Φ - βℓ: the head's parameters (if any) only appear through -βℓ.
+        """
+        grads = self.param_grads(clamped, state)
+        if beta == 0.0:
+            grads += [torch.zeros_like(p) for p in self.head.parameters()]
+        else:
+            grads += self.head.param_grads(state[-1], target, beta)
+        return grads
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Φ's parameters then the head's: the order of every gradient list in eqprop."""
+        return self.phi_parameters() + list(self.head.parameters())
+
+    def logits(self, state: State) -> Tensor:
+        """Class scores of a (steady) state."""
+        return self.head.logits(state[-1])

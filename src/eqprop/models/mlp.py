@@ -1,0 +1,96 @@
+"""P-MLP: the prototypical fully connected convergent RNN (SPEC §1).
+
+Φ = Σ_n s^n · (W_n s^{n-1} + b_n), so the closed-form dynamics are
+``s^n ← σ(W_n s^{n-1} + b_n + W_{n+1}^T s^{n+1})``. The first term of the
+first layer, ``W_1 x + b_1``, is computed once per batch (:meth:`clamp`): it is
+the largest matmul of the step and it never changes while x is clamped.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..activations import get_activation
+from ..heads import make_head
+from ..initialization import init_linear_
+from .base import Clamped, EnergyModel, State
+
+
+class PMLP(EnergyModel):
+    """Fully connected P-MLP with sizes ``[input, hidden..., classes]``.
+
+    With the squared-error loss the last size is the output layer, part of the
+    dynamics; with the softmax readout ("ce") the last linear map is the
+    readout and the state ends at the last hidden layer. The parameter count is
+    the same either way.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str = "scaled_sigmoid",
+                 loss: str = "mse", nudge_inside: bool = True,
+                 generator: torch.Generator | None = None, init_scale: float = 1.0) -> None:
+        super().__init__()
+        sizes = [int(n) for n in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"an MLP needs at least an input and an output size >= 1, got {sizes}")
+        if loss == "ce" and len(sizes) < 3:
+            raise ValueError("the softmax readout (loss ce) needs at least one hidden layer")
+        self.sizes = sizes
+        self.activation = get_activation(activation)
+        in_phi = sizes if loss == "mse" else sizes[:-1]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(in_phi[:-1], in_phi[1:]))
+        self.head = make_head(loss, in_phi[-1], sizes[-1], nudge_inside)
+        for layer in self.layers:
+            init_linear_(layer.weight, layer.bias, generator, init_scale)
+        if hasattr(self.head, "reset_parameters"):
+            self.head.reset_parameters(generator, init_scale)
+
+    def init_state(self, x: Tensor) -> State:
+        batch = x.shape[0]
+        return [x.new_zeros(batch, layer.out_features) for layer in self.layers]
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        groups = [[layer.weight, layer.bias] for layer in self.layers]
+        head = list(self.head.parameters())
+        return groups + ([head] if head else [])
+
+    def phi(self, x: Tensor, state: State) -> Tensor:
+        below = [x.flatten(1)] + list(state[:-1])
+        return sum((s * layer(b)).sum(dim=1) for s, b, layer in zip(state, below, self.layers))
+
+    def clamp(self, x: Tensor) -> Clamped:
+        x = x.flatten(1)
+        first = self.layers[0]
+        return Clamped(x, torch.addmm(first.bias, x, first.weight.t()))
+
+    def preactivations(self, clamped: Clamped, state: State) -> State:
+        layers, last = self.layers, len(state) - 1
+        pre = []
+        for n, layer in enumerate(layers):
+            u = clamped.drive if n == 0 else torch.addmm(layer.bias, state[n - 1], layer.weight.t())
+            if n < last:
+                u = torch.addmm(u, state[n + 1], layers[n + 1].weight)
+            pre.append(u)
+        return pre
+
+    def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
+        inv_batch = 1.0 / clamped.x.shape[0]
+        grads = []
+        for n, s in enumerate(state):
+            below = clamped.x if n == 0 else state[n - 1]
+            grads += [torch.mm(s.t(), below).mul_(inv_batch), s.mean(dim=0)]
+        return grads
+
+    def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
+        # ∂Φ/∂W_n = s^n (s^{n-1})^T is bilinear: the first layer's input x is the same in both
+        # states, so (s2 - s1)^T x costs one matmul; deeper layers stack both states into one.
+        inv_batch = 1.0 / clamped.x.shape[0]
+        grads = []
+        for n, (s2, s1) in enumerate(zip(second, first)):
+            if n == 0:
+                weight = torch.mm((s2 - s1).t(), clamped.x)
+            else:
+                weight = torch.mm(torch.cat([s2, -s1]).t(), torch.cat([second[n - 1], first[n - 1]]))
+            grads += [weight.mul_(inv_batch), s2.mean(dim=0) - s1.mean(dim=0)]
+        return grads

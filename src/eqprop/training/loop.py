@@ -1,0 +1,116 @@
+"""One epoch of training and one pass of evaluation.
+
+Statistics are accumulated on the device and read back only when the progress
+bar is refreshed and at the end of the epoch, so the phase loops never wait for
+the host. Non-finite values anywhere (states, estimates) raise
+:class:`DivergenceError` at the next read-back, before any checkpoint is written.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data import BatchLoader
+from ..dynamics import run_phase
+from ..estimators import Estimator
+from ..models import EnergyModel
+
+
+class DivergenceError(RuntimeError):
+    """Training produced NaN or inf; the message says where."""
+
+
+@dataclass
+class EpochStats:
+    """Mean loss and error rate over an epoch, and its speed."""
+
+    loss: float
+    error: float
+    seconds: float
+    samples: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _Totals:
+    """Running sums kept on the device: loss, errors, and a finiteness flag."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.errors = torch.zeros((), dtype=torch.int64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.samples = 0
+
+    def add(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.sum()
+        self.errors += (logits.argmax(dim=1) != y).sum()
+        self.finite &= torch.isfinite(loss).all()
+        self.samples += y.shape[0]
+
+    def read(self) -> tuple[float, float, bool]:
+        """Host copies of mean loss, error rate and finiteness (one synchronisation)."""
+        loss, errors, finite = self.loss.item(), self.errors.item(), bool(self.finite.item())
+        n = max(self.samples, 1)
+        return loss / n, errors / n, finite
+
+
+def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim.Optimizer,
+                loader: BatchLoader, epoch: int, refresh_every: int = 50,
+                show_progress: bool = False) -> EpochStats:
+    """Estimate, check and apply the gradient of every batch of ``loader`` once."""
+    model.train()
+    totals = _Totals(loader.device)
+    params = model.trainable_parameters()
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=not show_progress, dynamic_ncols=True)
+    with bar:
+        for i, (x, y) in enumerate(loader, start=1):
+            target = F.one_hot(y, model.head.classes).to(x.dtype)
+            result = estimator.fill_grads(model, x, target)
+            totals.finite &= torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            with torch.no_grad():
+                logits = model.logits(result.free_state)
+                totals.add(logits, model.head.loss(result.free_state[-1], target), y)
+            optimizer.step()
+            bar.update()
+            if i % refresh_every == 0 or i == len(loader):
+                loss, error, finite = _checked(totals, epoch, i)
+                if show_progress:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss:.4f}", err=f"{100 * error:.2f}%",
+                                    speed=f"{totals.samples / elapsed:.0f}/s")
+    seconds = time.perf_counter() - start
+    totals.finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
+    loss, error, _ = _checked(totals, epoch, len(loader))
+    return EpochStats(loss, error, seconds, totals.samples)
+
+
+def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, bool]:
+    loss, error, finite = totals.read()
+    if not finite:
+        raise DivergenceError(f"training diverged in epoch {epoch} (NaN or inf by batch {batch}); the last "
+                              "checkpoint is kept; try smaller learning rates or β")
+    return loss, error, finite
+
+
+@torch.no_grad()
+def evaluate(model: EnergyModel, loader: BatchLoader, t1: int) -> tuple[float, float]:
+    """Mean loss and error rate of the free steady state (T1 steps) over ``loader``."""
+    model.eval()
+    totals = _Totals(loader.device)
+    for x, y in loader:
+        target = F.one_hot(y, model.head.classes).to(x.dtype)
+        clamped = model.clamp(x)
+        state = run_phase(model, clamped, model.init_state(x), t1)
+        totals.add(model.logits(state), model.head.loss(state[-1], target), y)
+    loss, error, finite = totals.read()
+    if not finite:
+        raise DivergenceError("evaluation produced NaN or inf: the weights have diverged")
+    return loss, error

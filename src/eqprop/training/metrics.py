@@ -1,0 +1,67 @@
+"""Run outputs besides checkpoints: ``metrics.jsonl`` (one object per epoch) and ``curves.png``."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epochs recorded in a metrics file (a torn last line from a crash is ignored)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite the whole metrics file atomically (used when resuming)."""
+    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record as a JSON line."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def plot_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
+    """Train and test error (%) per epoch, written atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * r["train_error"] for r in records], "o-", label="train")
+    ax.plot(epochs, [100 * r["test_error"] for r in records], "s-", label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("error (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

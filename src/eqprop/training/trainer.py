@@ -1,0 +1,178 @@
+"""A whole training run: build from the configuration, train epochs, evaluate, checkpoint.
+
+Outputs in the run folder: ``config.yaml`` (resolved configuration),
+``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
+atomically after every epoch, with model, optimizer, scheduler and every
+random generator, so ``resume`` continues exactly) and ``curves.png``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import build
+from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
+from ..data import load_dataset, resolve_data_root
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .loop import evaluate, train_epoch
+from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Generators:
+    """Every random stream of a run after initialisation, each seeded from the run's seed."""
+
+    data: torch.Generator       # shuffling and augmentation (CPU)
+    estimator: torch.Generator  # random sign of β and the like (CPU)
+    model: torch.Generator      # dropout masks (on the model's device)
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> "Generators":
+        return cls(torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
+                   torch.Generator(device=device).manual_seed(seed + 3))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).get_state() for name in ("data", "estimator", "model")}
+
+    def restore(self, states: dict[str, torch.Tensor]) -> None:
+        for name, state in states.items():
+            getattr(self, name).set_state(state)
+
+
+def configure_torch(config: RunConfig) -> torch.device:
+    """Apply thread count and CUDA math settings; return the run's device."""
+    device = build.resolve_device(config.train.device)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+        torch.backends.cudnn.allow_tf32 = config.train.tf32
+    return device
+
+
+def checkpoint_config(path: Path) -> RunConfig:
+    """The configuration stored in a checkpoint."""
+    try:
+        return validate_config(load_checkpoint(path)["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path} holds an unusable configuration ({error})") from None
+
+
+def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = None, download: bool = False,
+          resume: bool = False, show_progress: bool = False,
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``); return the metrics."""
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT
+    if not resume and checkpoint_path.exists():
+        raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
+                          "or choose another --out")
+    checkpoint = load_checkpoint(checkpoint_path) if resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint["config"], config, checkpoint_path)
+
+    if checkpoint is not None and data_dir is None:
+        data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
+    device = configure_torch(config)
+    dtype = build.DTYPES[config.train.dtype]
+    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
+    train_data = build.subset(load_dataset(config.data.dataset, "train", root, download), config.data.train_subset)
+    test_data = build.subset(load_dataset(config.data.dataset, "test", root, download), config.data.test_subset)
+
+    model = build.build_model(config)
+    build.check_model_fits_data(config, model, train_data)
+    model = model.to(device=device, dtype=dtype)
+    generators = Generators.seeded(config.train.seed, device)
+    model.dropout_generator = generators.model
+    estimator = build.build_estimator_from(config, generators.estimator)
+    optimizer = build.build_optimizer(config.optim, model)
+    scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
+    try:
+        train_loader = build.build_loader(config, train_data, True, device, generators.data)
+        test_loader = build.build_loader(config, test_data, False, device, None)
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    first_epoch = 1
+    if checkpoint is not None:
+        first_epoch = _restore(checkpoint, checkpoint_path, model, optimizer, scheduler, generators) + 1
+        records = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] < first_epoch]
+        write_metrics(out_dir / METRICS, records)
+        log(f"resuming {out_dir} after epoch {first_epoch - 1}")
+    (out_dir / "config.yaml").write_text(config_to_yaml(config))
+
+    for epoch in range(first_epoch, config.train.epochs + 1):
+        stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress)
+        scheduler.step()
+        test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1)
+        record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
+                  "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
+                  "samples_per_second": stats.samples_per_second,
+                  "lr": [group["lr"] for group in optimizer.param_groups]}
+        save_checkpoint(checkpoint_path, {
+            "config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generators": generators.state(), "data_dir": None if root is None else str(root)})
+        append_metrics(out_dir / METRICS, record)
+        records.append(record)
+        plot_curves(out_dir / "curves.png", records, config.name)
+        log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
+            f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
+            f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
+    return records
+
+
+def _check_resumable(stored: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint with another model or another optimizer."""
+    if stored.get("model") != config.model.model_dump(mode="json"):
+        raise CheckpointError(f"checkpoint {path} is from another model than the one configured")
+    if stored.get("optim", {}).get("name") != config.optim.name:
+        raise CheckpointError(f"checkpoint {path} was trained with another optimizer "
+                              f"({stored.get('optim', {}).get('name')}, not {config.optim.name})")
+
+
+def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any, generators: Generators) -> int:
+    """Load every state of ``checkpoint`` into the run's objects; return its epoch."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generators.restore(checkpoint["generators"])
+        return int(checkpoint["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({reason})") from None
+
+
+def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, download: bool = False,
+                        device: str | None = None, test_subset: int | None = None) -> dict[str, float]:
+    """Test loss and error of the model saved in a checkpoint."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint_config(path)
+    updates: dict[str, Any] = {}
+    if device is not None:
+        updates["device"] = device
+    config = config.model_copy(update={"train": config.train.model_copy(update=updates)})
+    run_device = configure_torch(config)
+    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
+    test_data = build.subset(load_dataset(config.data.dataset, "test", root, download),
+                             test_subset or config.data.test_subset)
+    model = build.build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
+    model = model.to(device=run_device, dtype=build.DTYPES[config.train.dtype])
+    loader = build.build_loader(config, test_data, False, run_device, None)
+    loss, error = evaluate(model, loader, config.dynamics.t1)
+    return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}

@@ -1,0 +1,41 @@
+"""Shared test fixtures: the shared data and reference vectors, one thread, float64 helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+SHARED = Path(os.environ.get("EQPROP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared; missing is a failure in CI and a skip elsewhere."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"shared test material {path} is missing"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The data root holding mnist/ and cifar10/ (../shared/data)."""
+    return shared_path("data")
+
+
+def load_vectors(case: str, pure_f64: bool = False) -> dict[str, np.ndarray]:
+    """Arrays of a reference case; with ``pure_f64`` the states and gradients of the pure-float64 run."""
+    folder = shared_path("testvectors")
+    with np.load(folder / f"{case}.npz", allow_pickle=False) as base:
+        arrays = dict(base)
+    if pure_f64:
+        with np.load(folder / f"{case}_puref64.npz", allow_pickle=False) as pure:
+            arrays.update(dict(pure))
+    return arrays

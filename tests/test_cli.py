@@ -1,0 +1,110 @@
+"""The command line: exit statuses, one-line errors, presets, train/resume/eval."""
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from eqprop.cli import main
+from eqprop.presets import load_preset, preset_names
+from eqprop.config import validate_config
+
+FAST = ["--train-subset", "200", "--test-subset", "100", "--set", "dynamics.t1=8", "--set", "dynamics.t2=3",
+        "--no-progress", "--threads", "1"]
+
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--set", "dynamics.beta=-0.5"], "dynamics.beta"),
+    (["--set", "train.batch_size=0"], "train.batch_size"),
+    (["--set", "model.nonsense=3"], "model.nonsense"),
+    (["--set", "estimator.name=magic"], "estimator.name"),
+    (["--set", "optim.lr=[0.1]"], "optim.lr"),
+    (["--set", "model.sizes=[784,10,10]", "--set", "model.loss=ce", "--set", "model.activation=relu"], "model.activation"),
+    (["--epochs", "0"], "train.epochs"),
+    (["--preset", "no-such-preset"], "no-such-preset"),
+    (["--set", "oops"], "dotted.key=value"),
+])
+def test_bad_configuration_exits_2_with_one_line(capsys, tmp_path, argv, key):
+    status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("eqprop: error:") and key in err
+
+
+def test_usage_error_exits_2(capsys):
+    status, _, err = run(capsys, "train", "--bogus")
+    assert status == 2 and err.count("\n") == 1
+    status, _, err = run(capsys, "train", "--preset", "demo", "--config", "x.yaml")
+    assert status == 2 and err.count("\n") == 1
+
+
+def test_bad_config_file_exits_2(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    status, _, err = run(capsys, "train", "--config", str(broken))
+    assert status == 2 and "not valid YAML" in err
+    status, _, err = run(capsys, "train", "--config", str(tmp_path / "missing.yaml"))
+    assert status == 2 and "cannot read" in err
+
+
+def test_missing_data_exits_1_and_says_what_to_do(capsys, tmp_path):
+    status, _, err = run(capsys, "train", "--preset", "ep-1h", "--data-dir", str(tmp_path), "--out",
+                         str(tmp_path / "run"), *FAST)
+    assert status == 1 and err.count("\n") == 1 and "--download" in err
+
+
+def test_corrupt_data_exits_1(capsys, tmp_path, data_root):
+    (tmp_path / "mnist").mkdir()
+    for f in (data_root / "mnist").iterdir():
+        shutil.copy(f, tmp_path / "mnist" / f.name)
+    target = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(target.read_bytes()))
+    content[100] ^= 1
+    target.write_bytes(gzip.compress(bytes(content)))
+    status, _, err = run(capsys, "train", "--preset", "ep-1h", "--data-dir", str(tmp_path), "--out",
+                         str(tmp_path / "run"), *FAST)
+    assert status == 1 and err.count("\n") == 1 and "t10k-labels" in err
+
+
+def test_presets_are_listed_and_valid(capsys):
+    status, out, _ = run(capsys, "presets")
+    assert status == 0
+    names = preset_names()
+    assert {"demo", "laborieux-mnist", "ep-1h", "ep-2h"} <= set(names)
+    assert len(out.splitlines()) == len(names)
+    for name in names:
+        validate_config(load_preset(name))
+
+
+def test_train_resume_eval_on_real_mnist(capsys, tmp_path, data_root):
+    out = tmp_path / "run"
+    common = ["--preset", "laborieux-mnist", "--data-dir", str(data_root), *FAST]
+    status, stdout, _ = run(capsys, "train", *common, "--epochs", "1", "--out", str(out))
+    assert status == 0 and "epoch 1/1" in stdout
+    status, stdout, _ = run(capsys, "train", "--resume", str(out), "--epochs", "2", "--no-progress")
+    assert status == 0 and "resuming" in stdout and "epoch 2/2" in stdout and "epoch 1/2" not in stdout
+    status, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", str(data_root),
+                            "--test-subset", "100")
+    assert status == 0 and "epoch 2: test error" in stdout
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(capsys, tmp_path):
+    bogus = tmp_path / "checkpoint.pt"
+    bogus.write_bytes(b"not a checkpoint at all")
+    status, _, err = run(capsys, "eval", "--checkpoint", str(bogus))
+    assert status == 1 and err.count("\n") == 1 and "checkpoint" in err
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "eqprop", "train", "--set", "dynamics.t1=-3", "--out",
+                             str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "dynamics.t1" in result.stderr

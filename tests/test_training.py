@@ -1,0 +1,127 @@
+"""Training runs end to end: learning, exact resume, divergence, checkpoints, outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eqprop.estimators import SymmetricEP
+from eqprop.config import ConfigError, validate_config
+from eqprop.presets import load_preset
+from eqprop.training import CheckpointError, DivergenceError, load_checkpoint, train
+from eqprop.training.trainer import CHECKPOINT
+
+
+def small_config(**changes):
+    data = load_preset("demo")
+    data["data"].update(train_subset=400, test_subset=200)
+    data["train"].update(epochs=2, batch_size=20, threads=1)
+    data["dynamics"].update(t1=12, t2=4)
+    for section, values in changes.items():
+        data[section].update(values)
+    return validate_config(data)
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
+    config = small_config(train={"epochs": 3})
+    records = train(config, tmp_path, log=quiet)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert records[-1]["test_error"] < 0.5  # chance is 0.9
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records
+    for key in ("epoch", "train_loss", "train_error", "test_error", "epoch_seconds", "samples_per_second"):
+        assert key in lines[0]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert validate_config(__import__("yaml").safe_load((tmp_path / "config.yaml").read_text())) == config
+    assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 3
+
+
+@pytest.mark.parametrize("estimator", ["random_sign", "symmetric"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
+    config = small_config(estimator={"name": estimator}, optim={"name": "sgd", "lr": [0.05, 0.02], "momentum": 0.9},
+                          schedule={"name": "cosine", "t_max": 3, "eta_min": 1e-3}, train={"epochs": 3})
+    full = train(config, tmp_path / "full", log=quiet)
+    first = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+    train(first, tmp_path / "split", log=quiet)
+    resumed = train(config, tmp_path / "split", resume=True, log=quiet)
+    a = load_checkpoint(tmp_path / "full" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    strip = lambda records: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
+                             for r in records]
+    assert strip(resumed) == strip(full)
+
+
+def test_resume_drops_metrics_of_an_epoch_without_checkpoint(tmp_path):
+    config = small_config(train={"epochs": 1})
+    train(config, tmp_path, log=quiet)
+    with (tmp_path / "metrics.jsonl").open("a") as handle:  # a crash after the metrics line of epoch 2
+        handle.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n{\"epoch\": 3, \"tr")
+    two = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    records = train(two, tmp_path, resume=True, log=quiet)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train_loss"] > 0
+
+
+def test_new_run_refuses_to_overwrite_a_run(tmp_path):
+    config = small_config(train={"epochs": 1})
+    train(config, tmp_path, log=quiet)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, tmp_path, log=quiet)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
+    other = small_config(model={"sizes": [784, 64, 10]})
+    with pytest.raises(CheckpointError, match="another model"):
+        train(other, tmp_path, resume=True, log=quiet)
+
+
+def test_resume_refuses_another_optimizer(tmp_path):
+    train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
+    with pytest.raises(CheckpointError, match="optimizer"):
+        train(small_config(optim={"name": "sgd", "lr": [0.1, 0.1]}), tmp_path, resume=True, log=quiet)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    config = small_config(train={"epochs": 3})
+    original = SymmetricEP.estimate
+    calls = []
+
+    def poisoned(self, model, x, target):  # a NaN estimate in the second epoch
+        result = original(self, model, x, target)
+        calls.append(1)
+        if len(calls) == 25:
+            result.direction[0][0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(SymmetricEP, "estimate", poisoned)
+    with pytest.raises(DivergenceError, match="diverged in epoch 2"):
+        train(config, tmp_path, log=quiet)
+    assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_wrong_number_of_learning_rates_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(small_config(optim={"lr": [0.1, 0.1, 0.1]}), tmp_path, log=quiet)
+
+
+def test_model_that_does_not_fit_the_data_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.sizes"):
+        train(small_config(model={"sizes": [100, 32, 10]}), tmp_path, log=quiet)
