@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--small", action="store_true",
                         help="channels 16-32-64-64, batch 16, T1 20, T2 5 (unless given)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="channels-last weights and states (auto: on for CPU, where NCHW pooling is slow)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     model = PCNN((3, 32, 32), preset["channels"], [3] * 4, [1] * 4, [1, 1, 1, 0], [10],
                  activation="half_hard_sigmoid", loss="ce", generator=g).to(device)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     x = (torch.rand(batch, 3, 32, 32, generator=g) - 0.5).div_(0.6).to(device)
     target = F.one_hot(torch.randint(0, 10, (batch,), generator=g), 10).float().to(device)
 
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "config": dict(channels=preset["channels"], batch=batch, t1=t1, t2=t2, beta=args.beta,
                        dtype="float32", device=str(device), threads=torch.get_num_threads(),
+                       channels_last=channels_last,
                        torch=torch.__version__, machine=platform.processor() or platform.machine(),
                        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         "macs_per_dynamics_step": counts.step,
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bptt": (build_estimator("bptt", Phases(t1, t2, args.beta)), flops_bptt(counts, t1, t2), t1),
     }
     print(f"P-CNN {'-'.join(map(str, preset['channels']))}, batch {batch}, T1={t1}, T2={t2}, "
-          f"device {device}, threads {torch.get_num_threads()}")
+          f"device {device}, threads {torch.get_num_threads()}, channels_last {channels_last}")
     for name, (estimator, flops, steps) in runs.items():
         times = timed(lambda: estimator.fill_grads(model, x, target), device, args.repeats)
         best, median = min(times), statistics.median(times)

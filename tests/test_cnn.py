@@ -128,6 +128,24 @@ def test_closed_forms_equal_autograd_of_phi(config, loss):
     assert len(grads) == len(model.phi_parameters())
 
 
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_channels_last_gives_the_same_results(loss):
+    model = make("paper_like_pad0", loss)
+    x, state, target = random_batch(model)
+    fast = make("paper_like_pad0", loss).to(memory_format=torch.channels_last)
+    assert model.memory_format() == torch.contiguous_format
+    assert fast.memory_format() == torch.channels_last
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in fast.init_state(x)[:3])
+    fast_state = [s.contiguous(memory_format=torch.channels_last) if s.dim() == 4 else s for s in state]
+    with torch.no_grad():
+        for a, b in [(model.clamp(x), fast.clamp(x))]:
+            assert_close_lists(fast.preactivations(b, fast_state), model.preactivations(a, state))
+            assert_close_lists(fast.param_grads(b, fast_state), model.param_grads(a, state))
+    phases = Phases(15, 4, 0.1)
+    est = build_estimator("symmetric", phases)
+    assert_close_lists(est.estimate(fast, x, target).direction, est.estimate(model, x, target).direction)
+
+
 def test_state_shapes_and_structure():
     model = PCNN((3, 32, 32), [128, 256, 512, 512], [3] * 4, [1] * 4, [1, 1, 1, 0], [10])
     x = torch.zeros(2, 3, 32, 32)
@@ -197,7 +215,7 @@ def test_symmetric_ep_approaches_bptt(loss, fc):
         s = run_phase(model, clamped, model.init_state(x), T_LONG)
         s_next = model.step(clamped, s)
     assert max(float((a - b).abs().max()) for a, b in zip(s, s_next)) < 1e-12
-    bptt = flat(build_estimator("bptt", Phases(T_LONG, T_LONG, 0.1), steps="all").estimate(model, x, target))
+    bptt = flat(build_estimator("bptt", Phases(T_LONG, T_LONG, 0.1), bptt_steps="all").estimate(model, x, target))
     errors, cosines = {}, {}
     for beta in (0.01, 0.001):
         for name in ("one_sided", "symmetric"):

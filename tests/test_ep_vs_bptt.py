@@ -44,7 +44,7 @@ def test_free_phase_converged(setup):
 def test_ep_converges_to_bptt_and_symmetric_is_closer(setup):
     model, x, target = setup
     t1 = t2 = 150
-    bptt = flat_direction(build_estimator("bptt", Phases(t1, t2, 0.1), steps="all"), model, x, target)
+    bptt = flat_direction(build_estimator("bptt", Phases(t1, t2, 0.1), bptt_steps="all"), model, x, target)
     errors = {}
     for beta in (0.2, 0.02, 0.002):
         phases = Phases(t1, t2, beta)

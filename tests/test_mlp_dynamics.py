@@ -78,3 +78,20 @@ def test_param_grads_difference_equals_difference_of_param_grads(sizes):
     expected = EnergyModel.param_grads_difference(model, clamped, other, state)
     for c, e in zip(model.param_grads_difference(clamped, other, state), expected):
         torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["scaled_sigmoid", "hard_sigmoid", "half_hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("sizes, loss", [([7, 5], "mse"), ([7, 6, 4], "mse"), ([9, 8, 6, 5, 3], "mse"),
+                                         ([7, 6, 4], "ce"), ([9, 8, 6, 3], "ce")])
+@pytest.mark.parametrize("beta, inside", [(0.0, True), (0.4, True), (-0.3, True), (0.4, False)])
+def test_fast_step_equals_sigma_of_dphi_ds(activation, sizes, loss, beta, inside):
+    g = torch.Generator().manual_seed(1)
+    model = PMLP(sizes, activation=activation, loss=loss, nudge_inside=inside, generator=g).double()
+    x = torch.rand(3, sizes[0], generator=g, dtype=torch.float64)
+    state = [torch.rand(s.shape, generator=g, dtype=torch.float64) for s in model.init_state(x)]
+    target = F.one_hot(torch.tensor([0, 2, 1]), sizes[-1]).double()
+    clamped = model.clamp(x)
+    fast = model.step(clamped, state, beta, target)
+    reference = EnergyModel.step(model, clamped, state, beta, target)
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

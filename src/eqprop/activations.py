@@ -14,12 +14,20 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Activation:
-    """A named activation σ and its derivative σ'."""
+    """A named activation σ, its derivative σ', and its split ``σ(u) = core(scale·(u - shift))``.
+
+    The split lets a model fold ``scale`` and ``shift`` into the matmuls it
+    already does (``addmm``'s alpha/beta, a shifted bias), so a step costs one
+    elementwise call per layer instead of three.
+    """
 
     name: str
     fn: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor], Tensor]
     description: str
+    core: Callable[[Tensor], Tensor]
+    scale: float = 1.0
+    shift: float = 0.0
 
 
 def _scaled_sigmoid(u: Tensor) -> Tensor:
@@ -55,12 +63,13 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("scaled_sigmoid", _scaled_sigmoid, _scaled_sigmoid_derivative,
-                   "1/(1+exp(-4(u-0.5))), the C-EP paper and Laborieux's MNIST runs"),
+                   "1/(1+exp(-4(u-0.5))), the C-EP paper and Laborieux's MNIST runs",
+                   torch.sigmoid, scale=4.0, shift=0.5),
         Activation("hard_sigmoid", _hard_sigmoid, _hard_sigmoid_derivative,
-                   "clamp(u, 0, 1)"),
+                   "clamp(u, 0, 1)", _hard_sigmoid),
         Activation("half_hard_sigmoid", _half_hard_sigmoid, _half_hard_sigmoid_derivative,
-                   "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets"),
-        Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check"),
+                   "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets", _hard_sigmoid, scale=0.5),
+        Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check", torch.tanh),
     )
 }
 

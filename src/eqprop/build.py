@@ -15,7 +15,7 @@ import torch
 
 from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig
 from .data import ArrayDataset, BatchLoader
-from .estimators import Estimator, Phases, build_estimator
+from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -70,8 +70,9 @@ def build_estimator_from(config: RunConfig, generator: torch.Generator) -> Estim
     """The configured estimator, drawing its random choices from ``generator``."""
     dyn = config.dynamics
     phases = Phases(dyn.t1, dyn.t2, dyn.beta)
-    options = {"steps": config.estimator.bptt_steps} if config.estimator.name == "bptt" else {}
-    return build_estimator(config.estimator.name, phases, generator, **options)
+    cls = estimator_class(config.estimator.name)
+    options = {field: getattr(config.estimator, field) for field in cls.config_fields}
+    return cls(phases, generator, **options)
 
 
 def build_optimizer(config: OptimConfig, model: EnergyModel) -> torch.optim.Optimizer:

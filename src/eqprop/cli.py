@@ -7,6 +7,7 @@ one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``eqprop`` command; returns the exit status."""
     from .training import CheckpointError, DivergenceError
 
+    _show_progress_messages()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -154,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EQPROP_DEBUG"):
             raise
         return _fail(f"{type(error).__name__}: {error} (set EQPROP_DEBUG=1 for the traceback)", 1)
+
+
+def _show_progress_messages() -> None:
+    """Send eqprop's INFO messages (download progress) to stderr, once."""
+    logger = logging.getLogger("eqprop")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _fail(error: object, status: int) -> int:

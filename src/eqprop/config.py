@@ -39,6 +39,12 @@ class MLPConfig(Strict):
     nudge: Literal["inside", "outside"] = Field(
         "inside", description="add β(y - s) inside σ (Laborieux 2021) or after it (Ernoult 2020)")
     init_scale: PositiveFloat = 1.0
+    backward: Literal["tied", "separate"] = Field(
+        "tied", description="tied: prototypical model (B = W^T); separate: vector-field model with its own B")
+    backward_init: Literal["independent", "flipped"] = Field(
+        "independent", description="separate B: own random init, or W^T with signs flipped at random")
+    backward_angle: Annotated[float, Field(ge=0.0, le=180.0)] = Field(
+        0.0, description="flipped: target angle Ψ in degrees (each sign flipped with probability (1 - cos Ψ)/2)")
 
     @model_validator(mode="after")
     def _check(self) -> "MLPConfig":
@@ -63,6 +69,12 @@ class CNNConfig(Strict):
     nudge: Literal["inside", "outside"] = "inside"
     dropout: Fraction = 0.0
     init_scale: PositiveFloat = 1.0
+    backward: Literal["tied", "separate"] = Field(
+        "tied", description="tied: prototypical model (B = W^T); separate: vector-field model with its own B")
+    backward_init: Literal["independent", "flipped"] = Field(
+        "independent", description="separate B: own random init, or W^T with signs flipped at random")
+    backward_angle: Annotated[float, Field(ge=0.0, le=180.0)] = Field(
+        0.0, description="flipped: target angle Ψ in degrees (each sign flipped with probability (1 - cos Ψ)/2)")
 
     @model_validator(mode="after")
     def _check(self) -> "CNNConfig":
@@ -124,6 +136,8 @@ class EstimatorConfig(Strict):
     name: str = "symmetric"
     bptt_steps: PositiveInt | Literal["all"] | None = Field(
         None, description="BPTT only: steps to backpropagate through (default T2, 'all' = T1)")
+    leak: NonNegativeFloat = Field(0.0, description="KP-VF only: weight leak λ pulling W and B^T together")
+    random_sign: bool = Field(False, description="continual estimators: draw the sign of β per batch")
 
     @model_validator(mode="after")
     def _check(self) -> "EstimatorConfig":

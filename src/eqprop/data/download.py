@@ -134,6 +134,7 @@ def download_cifar10(root: Path) -> None:
 
 
 def _md5_of_stream(stream: BinaryIO) -> str:
+    """md5 of the rest of ``stream``, read in chunks so a large archive never sits in memory whole."""
     digest = hashlib.md5()
     while chunk := stream.read(_CHUNK_BYTES):
         digest.update(chunk)

@@ -44,6 +44,8 @@ class Estimator(ABC):
     """Base class of gradient estimators; subclasses define :meth:`estimate`."""
 
     name: ClassVar[str]
+    #: fields of the ``estimator`` configuration section passed to the constructor as keywords
+    config_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
         self.phases = phases
@@ -58,6 +60,17 @@ class Estimator(ABC):
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
             p.grad = d.neg()
+        return result
+
+    def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,
+                   optimizer: torch.optim.Optimizer) -> Estimate:
+        """One training step on a batch: fill the gradients, let ``optimizer`` apply them.
+
+        Estimators that move the weights themselves while the phases run
+        (continual EP) override this and use the optimizer's per-layer rates.
+        """
+        result = self.fill_grads(model, x, target)
+        optimizer.step()
         return result
 
     # -- the phases shared by the EP estimators --------------------------------
@@ -102,11 +115,15 @@ def register(name: str) -> Callable[[E], E]:
     return add
 
 
-def build_estimator(name: str, phases: Phases, generator: torch.Generator | None = None,
-                    **options: object) -> Estimator:
-    """Instantiate the estimator registered as ``name``."""
+def estimator_class(name: str) -> type[Estimator]:
+    """The estimator class registered as ``name``."""
     try:
-        cls = ESTIMATORS[name]
+        return ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}") from None
-    return cls(phases, generator, **options)
+
+
+def build_estimator(name: str, phases: Phases, generator: torch.Generator | None = None,
+                    **options: object) -> Estimator:
+    """Instantiate the estimator registered as ``name`` with its own ``options``."""
+    return estimator_class(name)(phases, generator, **options)

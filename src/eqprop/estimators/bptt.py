@@ -3,7 +3,8 @@
 The loss is read at the final free state s_{T1}. The first T1 - K steps run
 without a graph; the last K steps run the same closed-form dynamics with
 autograd recording, then one backward pass gives -∇̂. ``steps=None`` means
-K = T2 (the authors' code), ``"all"`` means K = T1 (full BPTT).
+K = T2 (the authors' code), ``"all"`` means K = T1 (full BPTT); configured
+by ``estimator.bptt_steps``.
 """
 from __future__ import annotations
 
@@ -21,20 +22,21 @@ from .base import Estimate, Estimator, Phases, register
 class BPTT(Estimator):
     """Truncated (or full) backpropagation through time of the free dynamics."""
 
+    config_fields = ("bptt_steps",)
+
     def __init__(self, phases: Phases, generator: torch.Generator | None = None,
-                 steps: int | Literal["all"] | None = None) -> None:
+                 bptt_steps: int | Literal["all"] | None = None) -> None:
         super().__init__(phases, generator)
-        if steps == "all":
-            steps = phases.t1
-        self.steps = min(phases.t2 if steps is None else int(steps), phases.t1)
+        if bptt_steps == "all":
+            bptt_steps = phases.t1
+        self.steps = min(phases.t2 if bptt_steps is None else int(bptt_steps), phases.t1)
 
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        with torch.no_grad():
-            clamped = model.clamp(x)
-            state = run_phase(model, clamped, model.init_state(x), self.phases.t1 - self.steps)
         params = model.trainable_parameters()
         with torch.enable_grad():
-            clamped = model.clamp(x)
+            clamped = model.clamp(x)  # once per batch: a dropout mask stays the same for all steps
+            with torch.no_grad():
+                state = run_phase(model, clamped, model.init_state(x), self.phases.t1 - self.steps)
             state = run_phase(model, clamped, state, self.steps)
             loss = model.head.loss(state[-1], target).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -25,6 +25,9 @@ Closed form of ``∂Φ/∂s^n`` for a conv layer (no autograd per step):
 Each conv + pool (with indices) is computed once per step and serves both
 terms. The first layer's drive ``P(w_1 ⋆ x + b_1)`` and its pooling indices are
 constant while x is clamped: :meth:`PCNN.clamp` computes them once per batch.
+``model.to(memory_format=torch.channels_last)`` makes the states channels-last
+too (:meth:`PCNN.memory_format`): about 2x faster on CPU, where NCHW max-pooling
+is slow.
 
 Dropout (Laborieux 2021 §4.1, a mask per mini-batch held through the free and
 both nudged phases): in training mode with ``dropout > 0``, :meth:`PCNN.clamp`
@@ -182,8 +185,23 @@ class PCNN(EnergyModel):
             self.head.reset_parameters(generator, init_scale)
 
     # -- structure ---------------------------------------------------------------
+    def memory_format(self) -> torch.memory_format:
+        """``torch.channels_last`` if the conv weights are (``model.to(memory_format=...)``), else NCHW.
+
+        The conv states are created in that layout so that every conv, pool and
+        transposed conv of a step runs in it (channels-last is about 2x faster on CPU).
+        """
+        for conv in self.convs:
+            w = conv.weight
+            if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                return torch.channels_last
+        return torch.contiguous_format
+
     def init_state(self, x: Tensor) -> State:
-        return [x.new_zeros(x.shape[0], *shape) for shape in self.state_shapes]
+        batch, layout = x.shape[0], self.memory_format()
+        return [torch.zeros(batch, *shape, dtype=x.dtype, device=x.device) if len(shape) == 1 else
+                torch.empty(batch, *shape, dtype=x.dtype, device=x.device, memory_format=layout).zero_()
+                for shape in self.state_shapes]
 
     def layer_parameters(self) -> list[list[nn.Parameter]]:
         groups = [[layer.weight, layer.bias] for layer in list(self.convs) + list(self.fcs)]

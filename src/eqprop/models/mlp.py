@@ -8,6 +8,7 @@ the largest matmul of the step and it never changes while x is clamped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,15 @@ from ..activations import get_activation
 from ..heads import make_head
 from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State
+
+
+@dataclass
+class MLPClamped(Clamped):
+    """:class:`Clamped` plus the constant terms of the fast step, already in σ's core units:
+    ``k·(W_1 x + b_1 - c)`` for the first layer and ``k·(b_n - c)`` for the others, where
+    ``σ(u) = core(k·(u - c))`` (see :class:`~eqprop.activations.Activation`)."""
+
+    offsets: list[Tensor] = field(default_factory=list)
 
 
 class PMLP(EnergyModel):
@@ -59,10 +69,36 @@ class PMLP(EnergyModel):
         below = [x.flatten(1)] + list(state[:-1])
         return sum((s * layer(b)).sum(dim=1) for s, b, layer in zip(state, below, self.layers))
 
-    def clamp(self, x: Tensor) -> Clamped:
+    def clamp(self, x: Tensor) -> MLPClamped:
         x = x.flatten(1)
         first = self.layers[0]
-        return Clamped(x, torch.addmm(first.bias, x, first.weight.t()))
+        drive = torch.addmm(first.bias, x, first.weight.t())
+        k, c = self.activation.scale, self.activation.shift
+        constants = [drive] + [layer.bias for layer in self.layers[1:]]
+        offsets = constants if (k, c) == (1.0, 0.0) else [(t - c) * k for t in constants]
+        return MLPClamped(x, drive, offsets)
+
+    def step(self, clamped: MLPClamped, state: State, beta: float = 0.0,
+             target: Tensor | None = None) -> State:
+        """The base class's step with σ's scale and shift folded into the matmuls:
+        one ``addmm`` per weight and one elementwise call per layer."""
+        k, core = self.activation.scale, self.activation.core
+        layers, last = self.layers, len(state) - 1
+        new = []
+        for n, offset in enumerate(clamped.offsets):
+            u = offset if n == 0 else torch.addmm(offset, state[n - 1], layers[n].weight.t(), alpha=k)
+            if n < last:
+                u = torch.addmm(u, state[n + 1], layers[n + 1].weight, alpha=k)
+            new.append(u)
+        if beta == 0.0:
+            return [core(u) for u in new]
+        nudge = self.head.nudge(state[-1], target, beta)
+        if self.head.nudge_inside:
+            new[-1] = torch.add(new[-1], nudge, alpha=k)
+            return [core(u) for u in new]
+        new = [core(u) for u in new]
+        new[-1] = new[-1] + nudge
+        return new
 
     def preactivations(self, clamped: Clamped, state: State) -> State:
         layers, last = self.layers, len(state) - 1

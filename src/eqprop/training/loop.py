@@ -73,12 +73,11 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     with bar:
         for i, (x, y) in enumerate(loader, start=1):
             target = F.one_hot(y, model.head.classes).to(x.dtype)
-            result = estimator.fill_grads(model, x, target)
-            totals.finite &= torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            result = estimator.train_step(model, x, target, optimizer)
+            totals.finite &= torch.stack([torch.isfinite(d).all() for d in result.direction]).all()
             with torch.no_grad():
                 logits = model.logits(result.free_state)
                 totals.add(logits, model.head.loss(result.free_state[-1], target), y)
-            optimizer.step()
             bar.update()
             if i % refresh_every == 0 or i == len(loader):
                 loss, error, finite = _checked(totals, epoch, i)
