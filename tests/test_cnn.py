@@ -257,9 +257,11 @@ def test_dropout_mask_fixed_per_batch_and_redrawn(fc):
     estimator = build_estimator("symmetric", phases)
     estimator.estimate(model, x, target)
     first = recorder.masks[0]
-    assert len(recorder.masks) == phases.t1 + 2 * phases.t2
+    # the free phase, then both nudged phases side by side in a doubled batch
+    assert len(recorder.masks) == phases.t1 + phases.t2
     assert first is not None and first.shape == (5, model.features)
-    assert all(m is first for m in recorder.masks)
+    assert all(m is first for m in recorder.masks[:phases.t1])
+    assert all(torch.equal(m, first.repeat(2, 1)) for m in recorder.masks[phases.t1:])
     if not model.fcs:   # the readout reads the masked last conv state: same mask in the head
         assert all(m is first for m in recorder.head_masks)
     keep = 1.0 / 0.7

@@ -178,6 +178,7 @@ class TrainConfig(Strict):
     threads: PositiveInt | None = Field(1, description="CPU threads for torch (None: torch's default)")
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
+    channels_last: bool = Field(False, description="conv models: keep weights and states channels-last (NHWC)")
 
 
 class RunConfig(Strict):

@@ -1,5 +1,5 @@
 """Convergent RNN models. ``build_model`` turns a model configuration into a network."""
-from .base import Clamped, EnergyModel, State
+from .base import Clamped, EnergyModel, State, is_free
 from .mlp import PMLP
 
-__all__ = ["Clamped", "EnergyModel", "PMLP", "State"]
+__all__ = ["Clamped", "EnergyModel", "PMLP", "State", "is_free"]

@@ -36,6 +36,17 @@ class Clamped:
     x: Tensor
     drive: Tensor | None = None
 
+    def repeat_batch(self, times: int) -> "Clamped":
+        """The same clamped input for a batch repeated ``times`` times (phases run side by side)."""
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+        return Clamped(rep(self.x), rep(self.drive))
+
+
+def is_free(beta: float | Tensor) -> bool:
+    """True for the free dynamics: β is the number 0 (a per-sample β tensor is always nudged)."""
+    return not isinstance(beta, Tensor) and beta == 0.0
+
 
 class EnergyModel(nn.Module):
     """A prototypical (bidirectional) convergent RNN with primitive Φ and a head."""
@@ -73,12 +84,16 @@ class EnergyModel(nn.Module):
             phi = self.phi(clamped.x, leaves).sum()
             return list(torch.autograd.grad(phi, leaves, create_graph=keep_graph))
 
-    def step(self, clamped: Clamped, state: State, beta: float = 0.0,
+    def step(self, clamped: Clamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
-        """One synchronous step ``s ← σ(∂Φ_β/∂s)``; β ≠ 0 adds the head's nudge."""
+        """One synchronous step ``s ← σ(∂Φ_β/∂s)``; β ≠ 0 adds the head's nudge.
+
+        β is a number, or a ``[B, 1]`` tensor giving each sample its own β (symmetric EP
+        runs its +β and -β phases side by side in one doubled batch).
+        """
         pre = self.preactivations(clamped, state)
         sigma = self.activation.fn
-        if beta == 0.0:
+        if is_free(beta):
             return [sigma(u) for u in pre]
         nudge = self.head.nudge(state[-1], target, beta)
         if self.head.nudge_inside:

@@ -71,6 +71,11 @@ class ConvClamped(Clamped):
     indices: Tensor | None = None
     mask: Tensor | None = None
 
+    def repeat_batch(self, times: int) -> "ConvClamped":
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+        return ConvClamped(rep(self.x), rep(self.drive), rep(self.indices), rep(self.mask))
+
 
 class MaskedSoftmaxReadout(SoftmaxReadout):
     """The softmax readout reading ``mask ⊙ flatten(s^N)`` in training mode.
@@ -83,19 +88,26 @@ class MaskedSoftmaxReadout(SoftmaxReadout):
 
     mask: Tensor | None = None
 
+    def _batch_mask(self, batch: int) -> Tensor | None:
+        """The mask for a batch of ``batch`` samples (tiled when phases run side by side)."""
+        if not self.training or self.mask is None:
+            return None
+        mask = self.mask
+        return mask if mask.shape[0] == batch else mask.repeat(batch // mask.shape[0], 1)
+
     def _features(self, s_last: Tensor) -> Tensor:
         f = s_last.flatten(1)
-        if self.training and self.mask is not None:
-            f = f * self.mask
-        return f
+        mask = self._batch_mask(f.shape[0])
+        return f if mask is None else f * mask
 
     def logits(self, s_last: Tensor) -> Tensor:
         return F.linear(self._features(s_last), self.linear.weight, self.linear.bias)
 
     def nudge(self, s_last: Tensor, target: Tensor, beta: float) -> Tensor:
         drive = (beta * self._error_signal(s_last, target)) @ self.linear.weight
-        if self.training and self.mask is not None:
-            drive = drive * self.mask
+        mask = self._batch_mask(drive.shape[0])
+        if mask is not None:
+            drive = drive * mask
         return drive.view_as(s_last)
 
     def param_grads(self, s_last: Tensor, target: Tensor, beta: float) -> list[Tensor]:

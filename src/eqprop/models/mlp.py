@@ -16,16 +16,26 @@ from torch import Tensor, nn
 from ..activations import get_activation
 from ..heads import make_head
 from ..initialization import init_linear_
-from .base import Clamped, EnergyModel, State
+from .base import Clamped, EnergyModel, State, is_free
 
 
 @dataclass
 class MLPClamped(Clamped):
     """:class:`Clamped` plus the constant terms of the fast step, already in σ's core units:
     ``k·(W_1 x + b_1 - c)`` for the first layer and ``k·(b_n - c)`` for the others, where
-    ``σ(u) = core(k·(u - c))`` (see :class:`~eqprop.activations.Activation`)."""
+    ``σ(u) = core(k·(u - c))`` (see :class:`~eqprop.activations.Activation`).
+
+    ``transposed[n]`` marks layers narrower than the batch: their forward term is
+    computed as ``(W_n s^{n-1 T})^T`` (offset stored as a column), which BLAS does
+    about twice as fast as ``s^{n-1} W_n^T`` for a 10-unit output layer.
+    """
 
     offsets: list[Tensor] = field(default_factory=list)
+    transposed: list[bool] = field(default_factory=list)
+
+    def repeat_batch(self, times: int) -> "MLPClamped":
+        offsets = [self.offsets[0].repeat(times, 1)] + self.offsets[1:]
+        return MLPClamped(self.x.repeat(times, 1), self.drive.repeat(times, 1), offsets, self.transposed)
 
 
 class PMLP(EnergyModel):
@@ -76,9 +86,11 @@ class PMLP(EnergyModel):
         k, c = self.activation.scale, self.activation.shift
         constants = [drive] + [layer.bias for layer in self.layers[1:]]
         offsets = constants if (k, c) == (1.0, 0.0) else [(t - c) * k for t in constants]
-        return MLPClamped(x, drive, offsets)
+        transposed = [n > 0 and layer.out_features < x.shape[0] for n, layer in enumerate(self.layers)]
+        offsets = [o.unsqueeze(1) if t else o for o, t in zip(offsets, transposed)]
+        return MLPClamped(x, drive, offsets, transposed)
 
-    def step(self, clamped: MLPClamped, state: State, beta: float = 0.0,
+    def step(self, clamped: MLPClamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
         """The base class's step with σ's scale and shift folded into the matmuls:
         one ``addmm`` per weight and one elementwise call per layer."""
@@ -86,11 +98,16 @@ class PMLP(EnergyModel):
         layers, last = self.layers, len(state) - 1
         new = []
         for n, offset in enumerate(clamped.offsets):
-            u = offset if n == 0 else torch.addmm(offset, state[n - 1], layers[n].weight.t(), alpha=k)
+            if n == 0:
+                u = offset
+            elif clamped.transposed[n]:
+                u = torch.addmm(offset, layers[n].weight, state[n - 1].t(), alpha=k).t()
+            else:
+                u = torch.addmm(offset, state[n - 1], layers[n].weight.t(), alpha=k)
             if n < last:
                 u = torch.addmm(u, state[n + 1], layers[n + 1].weight, alpha=k)
             new.append(u)
-        if beta == 0.0:
+        if is_free(beta):
             return [core(u) for u in new]
         nudge = self.head.nudge(state[-1], target, beta)
         if self.head.nudge_inside:

@@ -81,14 +81,13 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
     device = configure_torch(config)
-    dtype = build.DTYPES[config.train.dtype]
     root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
     train_data = build.subset(load_dataset(config.data.dataset, "train", root, download), config.data.train_subset)
     test_data = build.subset(load_dataset(config.data.dataset, "test", root, download), config.data.test_subset)
 
     model = build.build_model(config)
     build.check_model_fits_data(config, model, train_data)
-    model = model.to(device=device, dtype=dtype)
+    model = _place(model, config, device)
     generators = Generators.seeded(config.train.seed, device)
     model.dropout_generator = generators.model
     estimator = build.build_estimator_from(config, generators.estimator)
@@ -129,6 +128,14 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
     return records
+
+
+def _place(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """Move the model to the run's device, dtype and (conv models) memory layout."""
+    model = model.to(device=device, dtype=build.DTYPES[config.train.dtype])
+    if config.train.channels_last and config.model.kind == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _check_resumable(stored: dict[str, Any], config: RunConfig, path: Path) -> None:
@@ -172,7 +179,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
-    model = model.to(device=run_device, dtype=build.DTYPES[config.train.dtype])
+    model = _place(model, config, run_device)
     loader = build.build_loader(config, test_data, False, run_device, None)
     loss, error = evaluate(model, loader, config.dynamics.t1)
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}

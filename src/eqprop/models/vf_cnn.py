@@ -1,0 +1,135 @@
+"""VF-CNN: the convolutional vector-field network (Laborieux 2021 §4.2).
+
+The prototypical ConvNet of :mod:`.cnn` with its own backward kernels: for a
+conv layer n+1 ≥ 2 the top-down term of s^n is
+
+    ∂/∂s^n [s^{n+1} • P(B_{n+1} ⋆ s^n)] = B_{n+1}^T ⋆ P_B^{-1}(s^{n+1}),
+
+the transposed convolution with B's kernel (same shape as w_{n+1}, no bias) of
+the upper state max-unpooled with the arg-max indices of the pooling of
+``B_{n+1} ⋆ s^n`` at the current state (as in the authors' VF ConvNet; with
+B = w it is exactly the prototypical term). Fully connected layers use
+``B_{n+1} s^{n+1}`` with B of the shape of W^T. No B for the first conv layer
+(it faces the clamped input) nor for the softmax readout. Dropout is handled
+as in :class:`PCNN`: the mask multiplies the flattened last conv state where it
+feeds the first fc layer, and that layer's top-down term.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Clamped, State
+from .cnn import PCNN, ConvClamped
+from .vf import VectorFieldModel, check_backward_options
+
+
+class VFCNN(VectorFieldModel, PCNN):
+    """Convolutional vector-field network (same arguments as :class:`PCNN` plus B's init).
+
+    The forward weights and the head are drawn from ``generator`` first, exactly
+    as in a :class:`PCNN` with the same seed; the backward weights after them.
+    """
+
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], kernels: Sequence[int],
+                 strides: Sequence[int], paddings: Sequence[int], fc: Sequence[int],
+                 activation: str = "half_hard_sigmoid", loss: str = "ce", nudge_inside: bool = True,
+                 dropout: float = 0.0, generator: torch.Generator | None = None, init_scale: float = 1.0,
+                 backward_init: str = "independent", backward_angle: float = 0.0) -> None:
+        check_backward_options(backward_init, backward_angle)
+        super().__init__(input_shape, channels, kernels, strides, paddings, fc, activation=activation,
+                         loss=loss, nudge_inside=nudge_inside, dropout=dropout, generator=generator,
+                         init_scale=init_scale)
+        n_conv = len(self.convs)
+        spec = [("convs", n, False, n + 1) for n in range(1, n_conv)]
+        spec += [("fcs", m, True, n_conv + m + 1) for m in range(len(self.fcs))]
+        self._make_backward(spec)
+        self.reset_backward_(generator, backward_init, backward_angle, init_scale)
+
+    # -- the backward convolution --------------------------------------------------
+    def _backward_indices(self, n: int, below: Tensor) -> Tensor:
+        """Arg-max indices of ``P(B_n ⋆ below)`` (n counted from 0, n ≥ 1)."""
+        conv = self.convs[n]
+        b = self.backward["convs"][str(n)]
+        return F.max_pool2d(F.conv2d(below, b, None, conv.stride, conv.padding), 2, 2, return_indices=True)[1]
+
+    def _vf_back(self, n: int, below: Tensor, upper: Tensor) -> Tensor:
+        """``B_n^T ⋆ P_B^{-1}(upper)``: the top-down term of s^{n-1} = ``below`` (n from 0)."""
+        conv = self.convs[n]
+        b = self.backward["convs"][str(n)]
+        unpooled = F.max_unpool2d(upper, self._backward_indices(n, below), 2, 2,
+                                  output_size=self.conv_shapes[n][1:])
+        return F.conv_transpose2d(unpooled, b, None, conv.stride, conv.padding, self.output_paddings[n])
+
+    def _mask(self, clamped: Clamped) -> Tensor | None:
+        return clamped.mask if self.training and isinstance(clamped, ConvClamped) else None
+
+    # -- dynamics ------------------------------------------------------------------
+    def preactivations(self, clamped: Clamped, state: State) -> State:
+        n_conv = len(self.convs)
+        mask = self._mask(clamped)
+        drive = clamped.drive if clamped.drive is not None else self._conv_pool(0, clamped.x)[0]
+        pre: list[Tensor] = [drive]
+        for n in range(1, n_conv):
+            below = state[n - 1]
+            pre[n - 1] = pre[n - 1] + self._vf_back(n, below, state[n])
+            pre.append(F.max_pool2d(self.convs[n](below), 2, 2))
+        for m, layer in enumerate(self.fcs):
+            n = n_conv + m
+            below, b = state[n - 1], self.backward["fcs"][str(m)]
+            if m == 0:
+                flat = below.flatten(1)
+                back = torch.mm(state[n], b.t())
+                if mask is not None:
+                    flat, back = flat * mask, back * mask
+                pre[n - 1] = pre[n - 1] + back.view_as(below)
+                pre.append(torch.addmm(layer.bias, flat, layer.weight.t()))
+            else:
+                pre[n - 1] = torch.addmm(pre[n - 1], state[n], b.t())
+                pre.append(torch.addmm(layer.bias, below, layer.weight.t()))
+        return pre
+
+    # -- learning ------------------------------------------------------------------
+    def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
+        """``(∂u/∂θ at state)^T · delta`` with the pooling indices of ``state``.
+
+        Forward conv w_n: δ^n unpooled with the forward pooling indices, correlated
+        with s^{n-1}; backward conv B_n: s^n unpooled with the indices of
+        ``P(B_n ⋆ s^{n-1})``, correlated with δ^{n-1}; fc as in :class:`VFMLP`.
+        """
+        n_conv = len(self.convs)
+        inv_batch = 1.0 / clamped.x.shape[0]
+        mask = self._mask(clamped)
+        weight_grad = torch.nn.grad.conv2d_weight
+        grads: list[Tensor] = []
+        for n, conv in enumerate(self.convs):
+            below = clamped.x if n == 0 else state[n - 1]
+            if n == 0 and isinstance(clamped, ConvClamped) and clamped.indices is not None:
+                indices = clamped.indices
+            else:
+                indices = self._conv_pool(n, below)[1]
+            unpooled = F.max_unpool2d(delta[n], indices, 2, 2, output_size=self.conv_shapes[n][1:])
+            grads += [weight_grad(below, conv.weight.shape, unpooled, conv.stride, conv.padding).mul_(inv_batch),
+                      delta[n].sum(dim=(0, 2, 3)).mul_(inv_batch)]
+        for m in range(len(self.fcs)):
+            n = n_conv + m
+            below = state[n - 1].flatten(1)
+            if m == 0 and mask is not None:
+                below = below * mask
+            grads += [torch.mm(delta[n].t(), below).mul_(inv_batch), delta[n].mean(dim=0)]
+        for n in range(1, n_conv):
+            conv = self.convs[n]
+            unpooled = F.max_unpool2d(state[n], self._backward_indices(n, state[n - 1]), 2, 2,
+                                      output_size=self.conv_shapes[n][1:])
+            grads.append(weight_grad(delta[n - 1], conv.weight.shape, unpooled, conv.stride,
+                                     conv.padding).mul_(inv_batch))
+        for m in range(len(self.fcs)):
+            n = n_conv + m
+            d = delta[n - 1].flatten(1)
+            if m == 0 and mask is not None:
+                d = d * mask
+            grads.append(torch.mm(d.t(), state[n]).mul_(inv_batch))
+        return grads

@@ -1,0 +1,331 @@
+"""Continual EP and continual VF (SPEC §4): the update rule, its η → 0 limit, training semantics.
+
+Float64 and small networks; the rule is checked against a manual loop written
+from the SPEC, and C-VF against a stand-in vector-field model defined here
+(when ``eqprop.models.vf`` exists, on its models too).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eqprop.dynamics import run_phase
+from eqprop.estimators import Phases, build_estimator
+from eqprop.estimators.continual import ContinualEP, ContinualVF, continual_nudged_phase
+from eqprop.models import PMLP
+from eqprop.models.base import Clamped, EnergyModel
+from eqprop.models.cnn import PCNN
+
+torch.set_num_threads(1)
+PHASES = Phases(t1=60, t2=8, beta=0.1)
+
+
+def small_mlp(loss: str = "ce", activation: str = "scaled_sigmoid", seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    model = PMLP([12, 10, 8, 4], activation=activation, loss=loss, generator=g).double()
+    x = torch.rand(4, 12, generator=g, dtype=torch.float64)
+    target = F.one_hot(torch.randint(0, 4, (4,), generator=g), 4).double()
+    return model, x, target
+
+
+def flat(tensors) -> Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def params_of(model) -> list[Tensor]:
+    return [p.detach().clone() for p in model.trainable_parameters()]
+
+
+def sgd(model, lrs, **kwargs):
+    return torch.optim.SGD([{"params": g, "lr": lr} for g, lr in zip(model.layer_parameters(), lrs)],
+                           lr=lrs[0], **kwargs)
+
+
+def manual_c_ep(model: EnergyModel, x, target, phases: Phases, beta: float, lrs) -> list[Tensor]:
+    """SPEC §4 written out: s_{t+1} = F_β(s_t, θ_t); θ += (η/β)(G_β(s_{t+1}) - G_{β_t}(s_t)), β_0 = 0."""
+    lr_of = {id(p): lr for group, lr in zip(model.layer_parameters(), lrs) for p in group}
+    params = model.trainable_parameters()
+    with torch.no_grad():
+        clamped = model.clamp(x)
+        s = run_phase(model, clamped, model.init_state(x), phases.t1)
+        total = [torch.zeros_like(p) for p in params]
+        for t in range(phases.t2):
+            nxt = model.step(clamped, s, beta, target)
+            after = model.param_grads(clamped, nxt) + model.head.param_grads(nxt[-1], target, beta)
+            before = model.param_grads(clamped, s) + (
+                model.head.param_grads(s[-1], target, beta) if t > 0 else
+                [torch.zeros_like(p) for p in model.head.parameters()])
+            for p, a, b, acc in zip(params, after, before, total):
+                update = (a - b) / beta
+                acc += update
+                p += lr_of[id(p)] * update
+            clamped = model.clamp(x)   # W_1 x + b_1 with the new weights
+            s = nxt
+    return total
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_train_step_moves_weights_like_the_manual_loop(loss):
+    model, x, target = small_mlp(loss)
+    manual = copy.deepcopy(model)
+    lrs = [0.05, 0.02, 0.01]   # three layers (mse: three in Φ; ce: two and the readout)
+    before = params_of(model)
+    estimator = build_estimator("c_ep", PHASES)
+    result = estimator.train_step(model, x, target, sgd(model, lrs))
+    manual_total = manual_c_ep(manual, x, target, PHASES, PHASES.beta, lrs)
+    for p, q in zip(model.trainable_parameters(), manual.trainable_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    for d, m in zip(result.direction, manual_total):
+        torch.testing.assert_close(d, m, rtol=1e-10, atol=1e-12)
+    # the weights moved by lr x (sum of the per-step updates), and really moved
+    lr_of = {id(p): lr for g, lr in zip(model.layer_parameters(), lrs) for p in g}
+    for p, p0, d in zip(model.trainable_parameters(), before, result.direction):
+        torch.testing.assert_close(p - p0, lr_of[id(p)] * d, rtol=1e-9, atol=1e-14)
+        assert float((p - p0).detach().abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_vanishing_lr_gives_one_sided_ep(loss):
+    model, x, target = small_mlp(loss)
+    one_sided = flat(build_estimator("one_sided", PHASES).estimate(model, x, target).direction)
+    frozen = flat(ContinualEP(PHASES).estimate(model, x, target).direction)        # η = 0 exactly
+    tiny = flat(ContinualEP(PHASES, lr=1e-10).estimate(model, x, target).direction)
+    torch.testing.assert_close(frozen, one_sided, rtol=1e-11, atol=1e-13)   # telescoping sum
+    assert float((tiny - one_sided).norm() / one_sided.norm()) < 1e-8
+    # a real learning rate changes the estimate, by O(η) (the weights drift during the phase)
+    drift = {}
+    for lr in (1e-4, 1e-3):
+        moved = flat(ContinualEP(PHASES, lr=lr).estimate(model, x, target).direction)
+        drift[lr] = float((moved - one_sided).norm() / one_sided.norm())
+    assert 1e-3 < drift[1e-3] < 0.2, drift
+    assert 7 < drift[1e-3] / drift[1e-4] < 13, drift
+
+
+def test_estimate_leaves_the_model_unchanged():
+    model, x, target = small_mlp("ce")
+    before = params_of(model)
+    ContinualEP(PHASES, lr=[0.5, 0.5, 0.5]).estimate(model, x, target)
+    for p, q in zip(model.trainable_parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_estimate_uses_the_rates_of_the_last_train_step():
+    model, x, target = small_mlp("ce")
+    estimator = ContinualEP(PHASES)
+    lrs = [0.05, 0.02, 0.01]
+    probe = copy.deepcopy(model)
+    estimator.train_step(model, x, target, sgd(model, lrs))
+    implicit = flat(estimator.estimate(probe, x, target).direction)
+    explicit = flat(ContinualEP(PHASES).estimate(probe, x, target, lr=lrs).direction)
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+
+
+def test_learning_rate_schedules_apply():
+    model, x, target = small_mlp("ce")
+    other = copy.deepcopy(model)
+    optimizer = sgd(model, [0.05, 0.02, 0.01])
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5)  # halves every group's lr
+    build_estimator("c_ep", PHASES).train_step(model, x, target, optimizer)
+    build_estimator("c_ep", PHASES).train_step(other, x, target, sgd(other, [0.025, 0.01, 0.005]))
+    for p, q in zip(model.trainable_parameters(), other.trainable_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), "momentum"),
+    (lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=1e-4), "weight_decay"),
+    (lambda params: torch.optim.Adam(params, lr=0.1), "Adam"),
+])
+def test_refuses_what_plain_sgd_steps_cannot_honour(make, message):
+    model, x, target = small_mlp("ce")
+    before = params_of(model)
+    with pytest.raises(ValueError, match=message):
+        build_estimator("c_ep", PHASES).train_step(model, x, target, make(model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.trainable_parameters(), before))
+
+
+def test_random_sign_draws_both_signs_from_its_generator():
+    model, x, target = small_mlp("ce")
+    estimator = build_estimator("c_ep", PHASES, torch.Generator().manual_seed(0), random_sign=True)
+    assert {estimator.beta() > 0 for _ in range(40)} == {True, False}
+    assert ContinualEP.config_fields == ("random_sign",)
+    plus = flat(build_estimator("one_sided", PHASES).estimate(model, x, target).direction)
+    minus = flat(build_estimator("one_sided", Phases(PHASES.t1, PHASES.t2, -PHASES.beta))
+                 .estimate(model, x, target).direction)
+    seen = set()
+    for _ in range(8):
+        drawn = flat(estimator.estimate(model, x, target).direction)
+        if torch.allclose(drawn, plus, rtol=1e-11, atol=1e-13):
+            seen.add("+")
+        else:
+            torch.testing.assert_close(drawn, minus, rtol=1e-11, atol=1e-13)
+            seen.add("-")
+    assert seen == {"+", "-"}
+    # the same generator seed draws the same signs
+    a = build_estimator("c_ep", PHASES, torch.Generator().manual_seed(5), random_sign=True)
+    b = build_estimator("c_ep", PHASES, torch.Generator().manual_seed(5), random_sign=True)
+    assert [a.beta() for _ in range(10)] == [b.beta() for _ in range(10)]
+
+
+def test_registered_and_refuses_zero_beta():
+    from eqprop.estimators import ESTIMATORS
+    assert ESTIMATORS["c_ep"] is ContinualEP and ESTIMATORS["c_vf"] is ContinualVF
+    with pytest.raises(ValueError, match="nonzero"):
+        ContinualEP(Phases(10, 5, 0.0))
+
+
+def test_p_cnn_with_dropout_keeps_its_mask_and_matches_one_sided_at_zero_lr():
+    g = torch.Generator().manual_seed(0)
+    model = PCNN((1, 12, 12), [4, 8], [3, 3], [1, 1], [1, 1], [10], activation="scaled_sigmoid",
+                 loss="ce", dropout=0.3, generator=g).double()
+    x = torch.rand(3, 1, 12, 12, generator=g, dtype=torch.float64)
+    target = F.one_hot(torch.randint(0, 10, (3,), generator=g), 10).double()
+    phases = Phases(40, 5, 0.1)
+    model.dropout_generator = torch.Generator().manual_seed(7)
+    one_sided = flat(build_estimator("one_sided", phases).estimate(model, x, target).direction)
+    model.dropout_generator = torch.Generator().manual_seed(7)
+    frozen = flat(ContinualEP(phases).estimate(model, x, target).direction)
+    torch.testing.assert_close(frozen, one_sided, rtol=1e-10, atol=1e-13)
+    # training with moving weights: one mask per batch (one draw), all the dynamics see it
+    model.dropout_generator = torch.Generator().manual_seed(7)
+    masks = []
+    step = model.step
+
+    def recording_step(clamped, state, beta=0.0, target=None):
+        masks.append(clamped.mask)
+        return step(clamped, state, beta, target)
+
+    model.step = recording_step
+    before = params_of(model)
+    result = ContinualEP(phases).train_step(model, x, target, sgd(model, [0.05, 0.05, 0.05]))
+    assert all(torch.equal(m, masks[0]) for m in masks) and len(masks) == phases.t1 + phases.t2
+    reference = torch.Generator().manual_seed(7)
+    torch.empty(3, model.features, dtype=torch.float64).bernoulli_(0.7, generator=reference)
+    assert torch.equal(model.dropout_generator.get_state(), reference.get_state())
+    assert all(torch.isfinite(d).all() for d in result.direction)
+    assert any(not torch.equal(p, q) for p, q in zip(model.trainable_parameters(), before))
+
+
+# -- C-VF ---------------------------------------------------------------------------------
+class StandInVF(EnergyModel):
+    """A minimal vector-field MLP with the interface of ``eqprop.models.vf``:
+    ``s^n ← σ(W_n s^{n-1} + b_n + B_{n+1} s^{n+1})``, squared error, nudge inside σ."""
+
+    def __init__(self, sizes, generator):
+        super().__init__()
+        from eqprop.activations import get_activation
+        from eqprop.heads import make_head
+        self.activation = get_activation("scaled_sigmoid")
+        self.head = make_head("mse", sizes[-1], sizes[-1], True)
+        self.forward_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.backward_weights = nn.ParameterList(
+            nn.Parameter(0.5 * torch.randn(a, b, generator=generator)) for a, b in zip(sizes[1:-1], sizes[2:]))
+        for layer in self.forward_layers:
+            nn.init.normal_(layer.weight, std=0.5, generator=generator)
+            nn.init.normal_(layer.bias, std=0.1, generator=generator)
+
+    def phi(self, x, state):
+        raise TypeError("a vector-field model has no primitive Φ")
+
+    def init_state(self, x):
+        return [x.new_zeros(x.shape[0], layer.out_features) for layer in self.forward_layers]
+
+    def trainable_parameters(self):
+        out = []
+        for n, layer in enumerate(self.forward_layers):
+            out += [layer.weight, layer.bias]
+            if n < len(self.backward_weights):
+                out.append(self.backward_weights[n])
+        return out
+
+    def layer_parameters(self):
+        groups = [[layer.weight, layer.bias] for layer in self.forward_layers]
+        for n, b in enumerate(self.backward_weights):   # B_{n+2} shares the rate of W_{n+2}
+            groups[n + 1].append(b)
+        return groups
+
+    def clamp(self, x):
+        return Clamped(x, self.forward_layers[0](x))
+
+    def preactivations(self, clamped, state):
+        pre = []
+        for n, layer in enumerate(self.forward_layers):
+            u = clamped.drive if n == 0 else layer(state[n - 1])
+            if n < len(self.backward_weights):
+                u = u + state[n + 1] @ self.backward_weights[n].t()
+            pre.append(u)
+        return pre
+
+    def vector_field_grads(self, clamped, state, delta):
+        batch = clamped.x.shape[0]
+        grads = []
+        for n in range(len(self.forward_layers)):
+            below = clamped.x if n == 0 else state[n - 1]
+            grads += [delta[n].t() @ below / batch, delta[n].mean(0)]
+            if n < len(self.backward_weights):
+                grads.append(delta[n].t() @ state[n + 1] / batch)
+        return grads
+
+
+def vf_models():
+    g = torch.Generator().manual_seed(1)
+    return [StandInVF([6, 7, 5, 3], g).double()]
+
+
+@pytest.mark.parametrize("model", vf_models(), ids=lambda m: type(m).__name__)
+def test_c_vf_moves_w_b_and_backward_weights_by_the_per_step_rule(model):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 6, generator=g, dtype=torch.float64)
+    target = F.one_hot(torch.randint(0, 3, (3,), generator=g), 3).double()
+    phases = Phases(80, 6, 0.2)
+    manual = copy.deepcopy(model)
+    lrs = [0.03, 0.02, 0.01]
+    ContinualVF(phases).train_step(model, x, target, sgd(model, lrs))
+    # the manual rule of SPEC §4, written per weight
+    W = [layer.weight for layer in manual.forward_layers]
+    b = [layer.bias for layer in manual.forward_layers]
+    B = list(manual.backward_weights)
+    beta = phases.beta
+    with torch.no_grad():
+        s = run_phase(manual, manual.clamp(x), manual.init_state(x), phases.t1)
+        for _ in range(phases.t2):
+            nxt = manual.step(manual.clamp(x), s, beta, target)
+            d = [a - c for a, c in zip(nxt, s)]
+            for n in range(3):
+                below = x if n == 0 else s[n - 1]
+                W[n] += lrs[n] / beta * d[n].t() @ below / 3
+                b[n] += lrs[n] / beta * d[n].mean(0)
+                if n < 2:
+                    B[n] += lrs[n + 1] / beta * d[n].t() @ s[n + 1] / 3
+            s = nxt
+    for p, q in zip(model.trainable_parameters(), manual.trainable_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    # estimate() leaves the model as it was
+    frozen = copy.deepcopy(manual)
+    ContinualVF(phases).estimate(frozen, x, target)
+    assert all(torch.equal(p, q) for p, q in zip(frozen.trainable_parameters(), manual.trainable_parameters()))
+
+
+def test_c_vf_refuses_a_model_without_vector_field_grads():
+    model, x, target = small_mlp("mse")
+    with pytest.raises(TypeError, match="vector"):
+        ContinualVF(PHASES).estimate(model, x, target)
+
+
+def test_continual_phase_records_per_step_updates_that_sum_to_the_direction():
+    model, x, target = small_mlp("ce")
+    lrs = [0.01] * len(model.trainable_parameters())
+    with torch.no_grad():
+        clamped = model.clamp(x)
+        free = run_phase(model, clamped, model.init_state(x), PHASES.t1)
+        result = continual_nudged_phase(model, clamped, free, PHASES.beta, target, PHASES.t2, lrs, record=True)
+    assert len(result.param_steps) == PHASES.t2 and len(result.neuron_steps) == PHASES.t2
+    for i, total in enumerate(result.direction):
+        torch.testing.assert_close(sum(step[i] for step in result.param_steps), total, rtol=1e-12, atol=1e-14)
+    for n, s in enumerate(result.state):
+        torch.testing.assert_close(free[n] + PHASES.beta * sum(step[n] for step in result.neuron_steps), s,
+                                   rtol=1e-12, atol=1e-13)
