@@ -86,9 +86,10 @@ def build_optimizer(config: OptimConfig, model: EnergyModel) -> torch.optim.Opti
         if config.nesterov and config.momentum == 0:
             raise ConfigError("optim.nesterov: needs a momentum > 0")
         return torch.optim.SGD(param_groups, lr=config.lr[0], momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+                               nesterov=config.nesterov, weight_decay=config.weight_decay,
+                               fused=config.fused or None)
     return torch.optim.Adam(param_groups, lr=config.lr[0], betas=config.betas, eps=config.eps,
-                            weight_decay=config.weight_decay)
+                            weight_decay=config.weight_decay, fused=config.fused or None)
 
 
 class _CosineFactor:

@@ -157,6 +157,7 @@ class OptimConfig(Strict):
     weight_decay: NonNegativeFloat = 0.0
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
+    fused: bool = Field(True, description="use PyTorch's fused optimizer kernels (one pass over all weights)")
 
 
 class ScheduleConfig(Strict):
