@@ -271,42 +271,54 @@ class StandInVF(EnergyModel):
         return grads
 
 
-def vf_models():
-    g = torch.Generator().manual_seed(1)
-    return [StandInVF([6, 7, 5, 3], g).double()]
+def stand_in_vf():
+    model = StandInVF([6, 7, 5, 3], torch.Generator().manual_seed(1)).double()
+    W = [layer.weight for layer in model.forward_layers]
+    b = [layer.bias for layer in model.forward_layers]
+    # B mirroring W_{n+1} (maps s^{n+1} into s^n), keyed by the forward layer's input-first number
+    return model, W, b, {n + 2: p for n, p in enumerate(model.backward_weights)}
 
 
-@pytest.mark.parametrize("model", vf_models(), ids=lambda m: type(m).__name__)
-def test_c_vf_moves_w_b_and_backward_weights_by_the_per_step_rule(model):
+def package_vf_mlp():
+    from eqprop.models.vf import VFMLP
+    model = VFMLP([6, 7, 5, 3], generator=torch.Generator().manual_seed(1)).double()
+    W = [layer.weight for layer in model.layers]
+    b = [layer.bias for layer in model.layers]
+    return model, W, b, {pair.layer: pair.backward for pair in model.backward_pairs()}
+
+
+@pytest.mark.parametrize("make", [stand_in_vf, package_vf_mlp], ids=["stand-in", "VFMLP"])
+def test_c_vf_moves_w_b_and_backward_weights_by_the_per_step_rule(make):
+    model, _, _, _ = make()
+    manual, W, b, B = make()
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 6, generator=g, dtype=torch.float64)
     target = F.one_hot(torch.randint(0, 3, (3,), generator=g), 3).double()
     phases = Phases(80, 6, 0.2)
-    manual = copy.deepcopy(model)
     lrs = [0.03, 0.02, 0.01]
+    before = params_of(model)
     ContinualVF(phases).train_step(model, x, target, sgd(model, lrs))
-    # the manual rule of SPEC §4, written per weight
-    W = [layer.weight for layer in manual.forward_layers]
-    b = [layer.bias for layer in manual.forward_layers]
-    B = list(manual.backward_weights)
+    # SPEC §4 written per weight, input-first: ΔW_n = (η_n/β)(s^n_{t+1} - s^n_t)(s^{n-1}_t)^T,
+    # Δb_n = (η_n/β)(s^n_{t+1} - s^n_t), ΔB_{n+1} = (η_{n+1}/β)(s^n_{t+1} - s^n_t)(s^{n+1}_t)^T
     beta = phases.beta
     with torch.no_grad():
         s = run_phase(manual, manual.clamp(x), manual.init_state(x), phases.t1)
         for _ in range(phases.t2):
             nxt = manual.step(manual.clamp(x), s, beta, target)
             d = [a - c for a, c in zip(nxt, s)]
-            for n in range(3):
-                below = x if n == 0 else s[n - 1]
-                W[n] += lrs[n] / beta * d[n].t() @ below / 3
-                b[n] += lrs[n] / beta * d[n].mean(0)
-                if n < 2:
-                    B[n] += lrs[n + 1] / beta * d[n].t() @ s[n + 1] / 3
+            for n in range(1, 4):            # layer n: W_n, b_n; state index n - 1
+                below = x if n == 1 else s[n - 2]
+                W[n - 1] += lrs[n - 1] / beta * d[n - 1].t() @ below / 3
+                b[n - 1] += lrs[n - 1] / beta * d[n - 1].mean(0)
+                if n + 1 in B:
+                    B[n + 1] += lrs[n] / beta * d[n - 1].t() @ s[n] / 3
             s = nxt
     for p, q in zip(model.trainable_parameters(), manual.trainable_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    assert all(not torch.equal(p, q) for p, q in zip(model.trainable_parameters(), before))
     # estimate() leaves the model as it was
     frozen = copy.deepcopy(manual)
-    ContinualVF(phases).estimate(frozen, x, target)
+    ContinualVF(phases, lr=0.1).estimate(frozen, x, target)
     assert all(torch.equal(p, q) for p, q in zip(frozen.trainable_parameters(), manual.trainable_parameters()))
 
 

@@ -17,23 +17,34 @@ from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, S
 from .data import ArrayDataset, BatchLoader
 from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
+from .models.cnn import PCNN
+from .models.vf import VFMLP
+from .models.vf_cnn import VFCNN
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def _backward_options(config: MLPConfig | CNNConfig) -> dict[str, object]:
+    """Constructor keywords of the vector-field variant (empty for a prototypical model)."""
+    if config.backward == "tied":
+        return {}
+    return {"backward_init": config.backward_init, "backward_angle": config.backward_angle}
+
+
 def build_mlp(config: MLPConfig, generator: torch.Generator) -> EnergyModel:
-    """A P-MLP from its configuration."""
-    return PMLP(config.sizes, config.activation, config.loss, config.nudge == "inside",
-                generator=generator, init_scale=config.init_scale)
+    """A P-MLP, or its vector-field variant with ``backward: separate``."""
+    cls = PMLP if config.backward == "tied" else VFMLP
+    return cls(config.sizes, config.activation, config.loss, config.nudge == "inside",
+               generator=generator, init_scale=config.init_scale, **_backward_options(config))
 
 
 def build_cnn(config: CNNConfig, generator: torch.Generator) -> EnergyModel:
-    """A P-CNN from its configuration."""
-    from .models.cnn import PCNN
-    return PCNN(config.input_shape, config.channels, config.kernels, config.strides, config.paddings,
-                config.fc, activation=config.activation, loss=config.loss,
-                nudge_inside=config.nudge == "inside", dropout=config.dropout,
-                generator=generator, init_scale=config.init_scale)
+    """A P-CNN, or its vector-field variant with ``backward: separate``."""
+    cls = PCNN if config.backward == "tied" else VFCNN
+    return cls(config.input_shape, config.channels, config.kernels, config.strides, config.paddings,
+               config.fc, activation=config.activation, loss=config.loss,
+               nudge_inside=config.nudge == "inside", dropout=config.dropout,
+               generator=generator, init_scale=config.init_scale, **_backward_options(config))
 
 
 #: model kinds by the ``model.kind`` of the configuration

@@ -195,6 +195,18 @@ class RunConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _check_estimator_fits_model(self) -> "RunConfig":
+        from .estimators import ESTIMATORS
+        needs = ESTIMATORS[self.estimator.name].models
+        separate = self.model.backward == "separate"
+        if needs == "energy" and separate:
+            raise ValueError(f"estimator.name: {self.estimator.name} needs a primitive Φ, which a model with "
+                             "backward: separate has not; use vf, symmetric_vf, kp_vf, c_vf or bptt")
+        if needs == "vector_field" and not separate:
+            raise ValueError(f"estimator.name: {self.estimator.name} needs a vector-field model "
+                             "(model.backward: separate)")
+        return self
 
 # -- reading, changing, writing -------------------------------------------------
 def _describe(error: ValidationError) -> str:
@@ -208,7 +220,7 @@ def _describe(error: ValidationError) -> str:
         message = "unknown model kind; choose mlp or cnn"
         loc.append("kind")
     field, sep, rest = message.partition(": ")
-    if sep and field.isidentifier():  # a model validator naming the field it refuses
+    if sep and all(part.isidentifier() for part in field.split(".")):  # a validator naming its field
         loc.append(field)
         message = rest
     key = ".".join(loc)

@@ -46,6 +46,8 @@ class Estimator(ABC):
     name: ClassVar[str]
     #: fields of the ``estimator`` configuration section passed to the constructor as keywords
     config_fields: ClassVar[tuple[str, ...]] = ()
+    #: which models it can train: "energy" (needs Φ), "vector_field" (needs B), or "any"
+    models: ClassVar[str] = "energy"
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
         self.phases = phases
@@ -82,6 +84,18 @@ class Estimator(ABC):
                      target: Tensor) -> State:
         """T2 steps at ``beta`` starting from the free steady state."""
         return run_phase(model, clamped, free, self.phases.t2, beta, target)
+
+    def symmetric_phases(self, model: EnergyModel, clamped: Clamped, free: State,
+                         target: Tensor) -> tuple[State, State]:
+        """The +β and -β nudged phases, both from s*. They are independent, so they run
+        side by side as one batch of 2B samples with a per-sample β: half the steps,
+        each on a larger batch."""
+        beta, batch = self.phases.beta, clamped.x.shape[0]
+        signs = torch.ones(2 * batch, 1, dtype=clamped.x.dtype, device=clamped.x.device)
+        signs[batch:] = -1.0
+        both = run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free], self.phases.t2,
+                         signs * beta, torch.cat([target, target]))
+        return [s[:batch] for s in both], [s[batch:] for s in both]
 
 
 def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,

@@ -22,6 +22,8 @@ from .base import Estimate, Estimator, Phases, register
 class BPTT(Estimator):
     """Truncated (or full) backpropagation through time of the free dynamics."""
 
+    models = "any"
+
     config_fields = ("bptt_steps",)
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None,

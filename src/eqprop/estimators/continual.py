@@ -136,14 +136,14 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
             updates = list(updates) + head
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
-        updates = [u * inv_beta for u in updates]
+        # the updates are G differences; 1/β (and η/β) are folded into the in-place adds
         for p, u, acc, lr in zip(params, updates, total, lrs):
-            acc.add_(u)
+            acc.add_(u, alpha=inv_beta)
             if lr != 0.0:
-                p.add_(u, alpha=lr)
+                p.add_(u, alpha=lr * inv_beta)
         if record:
             neuron_steps.append([(a - b) * inv_beta for a, b in zip(nxt, state)])
-            param_steps.append(updates)
+            param_steps.append([u * inv_beta for u in updates])
         if moving:
             clamped = refresh_clamped(model, clamped)
         state = nxt

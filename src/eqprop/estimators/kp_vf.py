@@ -53,6 +53,8 @@ def leaky_weights(model: EnergyModel) -> list[nn.Parameter]:
 class KPVF(SymmetricVF):
     """Symmetric VF, the same update for W and B^T, each minus its own leak λθ."""
 
+    models = "any"
+
     config_fields = ("leak",)
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None, leak: float = 0.0) -> None:

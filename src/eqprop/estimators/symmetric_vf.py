@@ -42,11 +42,11 @@ def symmetric_vf_direction(model: EnergyModel, clamped: Clamped, target: Tensor,
 class SymmetricVF(Estimator):
     """Three phases (free, +β, -β from s*), eq. 20 per forward and backward parameter."""
 
+    models = "any"
+
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         clamped = model.clamp(x)
         free = self.free_phase(model, clamped)
-        beta = self.phases.beta
-        plus = self.nudged_phase(model, clamped, free, beta, target)
-        minus = self.nudged_phase(model, clamped, free, -beta, target)
-        return Estimate(symmetric_vf_direction(model, clamped, target, plus, minus, beta), free)
+        plus, minus = self.symmetric_phases(model, clamped, free, target)
+        return Estimate(symmetric_vf_direction(model, clamped, target, plus, minus, self.phases.beta), free)

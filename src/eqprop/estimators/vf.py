@@ -58,6 +58,8 @@ def head_difference(model: EnergyModel, target: Tensor, first: tuple[State, floa
 class VectorFieldEstimator(Estimator):
     """The conventional VF rule: post-synaptic change times pre-synaptic free state."""
 
+    models = "any"
+
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         clamped = model.clamp(x)

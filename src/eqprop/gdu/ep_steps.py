@@ -88,6 +88,12 @@ def _fixed_vf_traces(model: EnergyModel, clamped: Clamped, free: State, beta: fl
     return StepTraces(_stack(neurons), _stack(params))
 
 
+def symmetric_traces(plus: StepTraces, minus: StepTraces) -> StepTraces:
+    """Symmetric EP step by step from the +β and -β one-sided traces: their mean."""
+    return StepTraces([(a + b) / 2 for a, b in zip(plus.neurons, minus.neurons)],
+                      [(a + b) / 2 for a, b in zip(plus.params, minus.params)])
+
+
 @torch.no_grad()
 def ep_step_updates(model: EnergyModel, x: Tensor, free: State, target: Tensor, beta: float, k: int,
                     estimator: str, lr: float | Sequence[float] = 0.0) -> StepTraces:
@@ -96,10 +102,8 @@ def ep_step_updates(model: EnergyModel, x: Tensor, free: State, target: Tensor, 
     The model is not changed (C-EP and C-VF run on a deep copy).
     """
     if estimator == "symmetric":
-        plus = ep_step_updates(model, x, free, target, beta, k, "one_sided")
-        minus = ep_step_updates(model, x, free, target, beta, k, "one_sided_neg")
-        return StepTraces([(a + b) / 2 for a, b in zip(plus.neurons, minus.neurons)],
-                          [(a + b) / 2 for a, b in zip(plus.params, minus.params)])
+        return symmetric_traces(ep_step_updates(model, x, free, target, beta, k, "one_sided"),
+                                ep_step_updates(model, x, free, target, beta, k, "one_sided_neg"))
     if estimator not in EP_ESTIMATORS:
         raise ValueError(f"unknown GDU estimator {estimator!r}; choose one of {', '.join(EP_ESTIMATORS)}")
     if estimator == "one_sided_neg":

@@ -75,15 +75,30 @@ def angle_deg(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> float:
 
 
 def layer_metrics(reference: Tensor, estimate: Tensor) -> dict[str, object]:
-    """Everything reported for one layer: RMSE mean/std, sign agreement, angle, which steps counted."""
+    """Everything reported for one layer.
+
+    ``rmse_mean``/``rmse_std`` over all units (SPEC: 0 for a unit whose traces
+    are both zero); ``rmse_mean_active`` over the units with a nonzero trace;
+    ``sign_agreement`` (%) and ``angle_deg`` of the totals; ``steps_used``
+    (1-based) and ``excluded_ep_fraction``, the norm of EP's trace on the
+    excluded steps relative to its norm on the used ones.
+    """
     steps = active_steps(reference)
-    mean, std = rmse_summary(reference, estimate)
+    values = unit_rmse(reference, estimate, steps)
+    mean = float(values.mean())
+    std = float(values.std(correction=0)) if values.numel() > 1 else 0.0
+    # units where both traces are zero count as 0 (SPEC); e.g. synapses from always-zero pixels
+    r, d = reference[steps].flatten(1), estimate[steps].flatten(1)
+    live = r.ne(0).any(dim=0) | d.ne(0).any(dim=0)
     excluded = ~steps
     kept_energy = float(estimate[steps].double().pow(2).sum())
     dropped_energy = float(estimate[excluded].double().pow(2).sum())
     return {
         "rmse_mean": mean,
         "rmse_std": std,
+        "rmse_mean_active": float(values[live].mean()) if bool(live.any()) else 0.0,
+        "units": int(values.numel()),
+        "units_active": int(live.sum()),
         "sign_agreement": sign_agreement(reference.sum(0), estimate.sum(0)),
         "angle_deg": angle_deg(reference.sum(0), estimate.sum(0)),
         "steps_used": [int(t) + 1 for t in torch.nonzero(steps).flatten().tolist()],

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import RunConfig
 from ..dynamics import run_phase
 from ..estimators.base import Estimator, Phases
 from ..estimators.bptt import BPTT
 from ..models.base import EnergyModel
 from .bptt_steps import bptt_step_grads
-from .ep_steps import ep_step_updates
+from .ep_steps import ep_step_updates, symmetric_traces
 from .metrics import angle_deg, layer_metrics
 from .plots import plot_rmse, plot_traces
 
@@ -106,12 +107,19 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         with torch.no_grad():
             residual = _residual(model, model.clamp(x), free)
             drift = max(float((a - b).abs().max()) for a, b in zip(free, start))
-            traces = {name: ep_step_updates(model, x, free, target, beta, k, name, lr) for name in estimators}
-            extra = {}
-            if "symmetric" in estimators or "one_sided" in estimators:  # ±β curves of the figure
-                for name in ("one_sided", "one_sided_neg"):
-                    extra[name] = traces[name] if name in traces else ep_step_updates(
-                        model, x, free, target, beta, k, name)
+            # the ±β phases serve one-sided, symmetric and the ±β curves of the figure: run them once
+            sided = {}
+            if {"one_sided", "one_sided_neg", "symmetric"} & set(estimators):
+                sided = {name: ep_step_updates(model, x, free, target, beta, k, name)
+                         for name in ("one_sided", "one_sided_neg")}
+            traces = {}
+            for name in estimators:
+                if name in sided:
+                    traces[name] = sided[name]
+                elif name == "symmetric":
+                    traces[name] = symmetric_traces(sided["one_sided"], sided["one_sided_neg"])
+                else:
+                    traces[name] = ep_step_updates(model, x, free, target, beta, k, name, lr)
     finally:
         model.train(was_training)
     converged = max(residual, drift) <= tolerance
@@ -155,7 +163,7 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / GDU_JSON).write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-        picks = _pick_units(ref_params, ref_neurons, {**extra, **traces}, param_names, neuron_names,
+        picks = _pick_units(ref_params, ref_neurons, {**sided, **traces}, param_names, neuron_names,
                             samples, seed)
         plot_traces(out / TRACES_PNG, picks, k, beta)
         plot_rmse(out / RMSE_PNG, results)
@@ -221,7 +229,7 @@ def gradient_angle(model: EnergyModel, estimator: Estimator, x: Tensor, target: 
     return angle_deg([d.detach() for d in direction], [r.detach() for r in reference])
 
 
-def gdu_command(config: Any, out_dir: str | Path, *, batch_size: int | None = None, k: int | None = None,
+def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | None = None, k: int | None = None,
                 beta: float | None = None, t1: int | None = None, estimators: Sequence[str] | None = None,
                 data_dir: str | Path | None = None, seed: int | None = None,
                 lr: float | Sequence[float] = 2e-5, dtype: str = "float64",

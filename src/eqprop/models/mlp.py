@@ -105,7 +105,7 @@ class PMLP(EnergyModel):
             else:
                 u = torch.addmm(offset, state[n - 1], layers[n].weight.t(), alpha=k)
             if n < last:
-                u = torch.addmm(u, state[n + 1], layers[n + 1].weight, alpha=k)
+                u = torch.addmm(u, state[n + 1], self._top_down_weight(n + 1), alpha=k)
             new.append(u)
         if is_free(beta):
             return [core(u) for u in new]
@@ -123,9 +123,15 @@ class PMLP(EnergyModel):
         for n, layer in enumerate(layers):
             u = clamped.drive if n == 0 else torch.addmm(layer.bias, state[n - 1], layer.weight.t())
             if n < last:
-                u = torch.addmm(u, state[n + 1], layers[n + 1].weight)
+                u = torch.addmm(u, state[n + 1], self._top_down_weight(n + 1))
             pre.append(u)
         return pre
+
+    def _top_down_weight(self, n: int) -> Tensor:
+        """The ``[out, in]`` matrix carrying s^{n+1} down into s^n (``s^{n+1} @ it``), for the
+        layer of index n in ``self.layers``: W itself here (B = W^T); vector-field models
+        return their own B^T."""
+        return self.layers[n].weight
 
     def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
         inv_batch = 1.0 / clamped.x.shape[0]

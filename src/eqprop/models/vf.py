@@ -143,13 +143,6 @@ class VectorFieldModel(EnergyModel):
             pair.backward.copy_(pair.mirror(pair.forward))
         return self
 
-    # -- dynamics ------------------------------------------------------------------
-    def step(self, clamped: Clamped, state: State, beta: float | Tensor = 0.0,
-             target: Tensor | None = None) -> State:
-        """The generic step ``σ(preactivations + nudge)``: a prototypical model's fused step
-        (e.g. :meth:`PMLP.step`) reads its W for the top-down term, so it must not be inherited."""
-        return EnergyModel.step(self, clamped, state, beta, target)
-
     # -- no primitive --------------------------------------------------------------
     def phi(self, x: Tensor, state: State) -> Tensor:
         raise TypeError(f"{type(self).__name__} is a vector-field model: no primitive Φ exists when B ≠ W^T; "
@@ -182,16 +175,8 @@ class VFMLP(VectorFieldModel, PMLP):
         self._make_backward([("layers", k, True, k + 1) for k in range(1, len(self.layers))])
         self.reset_backward_(generator, backward_init, backward_angle, init_scale)
 
-    def preactivations(self, clamped: Clamped, state: State) -> State:
-        layers, last = self.layers, len(state) - 1
-        backs = self.backward["layers"] if last > 0 else {}
-        pre = []
-        for n, layer in enumerate(layers):
-            u = clamped.drive if n == 0 else torch.addmm(layer.bias, state[n - 1], layer.weight.t())
-            if n < last:
-                u = torch.addmm(u, state[n + 1], backs[str(n + 1)].t())
-            pre.append(u)
-        return pre
+    def _top_down_weight(self, n: int) -> Tensor:
+        return self.backward["layers"][str(n)].t()
 
     def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
         # W_n: δ^n (s^{n-1})^T; b_n: δ^n; B_{n+1}: δ^n (s^{n+1})^T (all batch means)

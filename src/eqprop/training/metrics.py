@@ -41,8 +41,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
-    """Train and test error (%) per epoch, written atomically as a PNG."""
+def plot_curves(out_dir: Path, records: list[dict[str, Any]], title: str) -> None:
+    """``curves.png``: train and test error (%) per epoch; ``angles.png``: the W–B^T angle
+    per layer when the metrics have ``angle/...`` entries (vector-field models)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,8 +52,19 @@ def plot_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [100 * r["train_error"] for r in records], "o-", label="train")
     ax.plot(epochs, [100 * r["test_error"] for r in records], "s-", label="test")
+    _finish(plt, fig, ax, out_dir / "curves.png", title, "error (%)")
+    angle_keys = sorted(k for k in records[-1] if k.startswith("angle/"))
+    if angle_keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in angle_keys:
+            ax.plot(epochs, [r.get(key, float("nan")) for r in records], "o-", label=key.removeprefix("angle/"))
+        _finish(plt, fig, ax, out_dir / "angles.png", f"{title}: angle between W and B^T", "angle (degrees)")
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
+    """Label, then write the figure atomically."""
     ax.set_xlabel("epoch")
-    ax.set_ylabel("error (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -3,7 +3,9 @@
 Outputs in the run folder: ``config.yaml`` (resolved configuration),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
 atomically after every epoch, with model, optimizer, scheduler and every
-random generator, so ``resume`` continues exactly) and ``curves.png``.
+random generator, so ``resume`` continues exactly), ``curves.png`` and, for
+vector-field models, ``angles.png`` (the W–B^T angle per layer, logged as
+``angle/layerN`` in the metrics).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import build
+from ..alignment import backward_angles
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from ..data import load_dataset, resolve_data_root
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -116,14 +119,15 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
                   "samples_per_second": stats.samples_per_second,
-                  "lr": [group["lr"] for group in optimizer.param_groups]}
+                  "lr": [group["lr"] for group in optimizer.param_groups],
+                  **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
         save_checkpoint(checkpoint_path, {
             "config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generators": generators.state(), "data_dir": None if root is None else str(root)})
         append_metrics(out_dir / METRICS, record)
         records.append(record)
-        plot_curves(out_dir / "curves.png", records, config.name)
+        plot_curves(out_dir, records, config.name)
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
