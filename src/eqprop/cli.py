@@ -1,4 +1,4 @@
-"""The ``eqprop`` command line: ``train``, ``presets``, ``eval``.
+"""The ``eqprop`` command line: ``train``, ``presets``, ``eval``, ``gdu``.
 
 Exit status: 0 on success, 2 on a usage or configuration error, 1 on any
 other failure (data, checkpoint, divergence), 130 when interrupted. Errors are
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a network (default: the offline demo preset)")
-    source = train.add_mutually_exclusive_group()
-    source.add_argument("--preset", help=f"a named configuration (see 'eqprop presets'; default {DEFAULT_PRESET})")
-    source.add_argument("--config", type=Path, help="a YAML configuration file")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="change one setting, e.g. --set dynamics.beta=0.2 (repeatable)")
+    _add_config_arguments(train)
     train.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
     train.add_argument("--train-subset", type=int, help="train on the first N samples (data.train_subset)")
     train.add_argument("--test-subset", type=int, help="test on the first N samples (data.test_subset)")
@@ -55,12 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the presets, one line each")
 
+    gdu = commands.add_parser("gdu", help="the GDU theorem check: EP's per-step updates against BPTT's gradients")
+    _add_config_arguments(gdu)
+    gdu.add_argument("--batch-size", type=int, help="samples in the checked batch (default train.batch_size)")
+    gdu.add_argument("--t1", type=int, help="free steps (default dynamics.t1; the theorem needs convergence)")
+    gdu.add_argument("--k", type=int, help="nudged steps compared (default dynamics.t2)")
+    gdu.add_argument("--beta", type=float, help="nudging strength (default dynamics.beta; small is better)")
+    gdu.add_argument("--estimators", help="comma list among one_sided, one_sided_neg, symmetric, c_ep, vf, c_vf "
+                                          "(default: by model kind)")
+    gdu.add_argument("--lr", type=float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
+    gdu.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    gdu.add_argument("--seed", type=int, help="model init, batch and plotted units (default train.seed)")
+    gdu.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    gdu.add_argument("--checkpoint", type=Path, help="check the weights of a training checkpoint")
+    gdu.add_argument("--out", type=Path, help="output folder (default runs/gdu-NAME-TIMESTAMP)")
+    _add_data_arguments(gdu)
+
     evaluate = commands.add_parser("eval", help="test error of a saved checkpoint")
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt of a run")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--test-subset", type=int, help="evaluate on the first N test samples")
     _add_data_arguments(evaluate)
     return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"a named configuration (see 'eqprop presets'; default {DEFAULT_PRESET})")
+    source.add_argument("--config", type=Path, help="a YAML configuration file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one setting, e.g. --set dynamics.beta=0.2 (repeatable)")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +99,9 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
         data = base
     for assignment in args.overrides:
         apply_override(data, assignment)
-    shortcuts = {"train.epochs": args.epochs, "data.train_subset": args.train_subset,
-                 "data.test_subset": args.test_subset, "train.seed": args.seed,
-                 "train.device": args.device, "train.threads": args.threads}
+    shortcuts = {"train.epochs": getattr(args, "epochs", None), "data.train_subset": getattr(args, "train_subset", None),
+                 "data.test_subset": getattr(args, "test_subset", None), "train.seed": args.seed,
+                 "train.device": args.device, "train.threads": getattr(args, "threads", None)}
     for key, value in shortcuts.items():
         if value is not None:
             section, field = key.split(".")
@@ -134,7 +154,31 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval}
+def command_gdu(args: argparse.Namespace) -> int:
+    from .gdu import gdu_command
+
+    config = resolve_config(args)
+    out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
+    for name, value in (("--batch-size", args.batch_size), ("--t1", args.t1), ("--k", args.k)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if args.beta is not None and args.beta <= 0:
+        raise UsageError("--beta must be positive")
+    try:
+        result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
+                             estimators=estimators, data_dir=args.data_dir, seed=args.seed, lr=args.lr,
+                             dtype=args.dtype, checkpoint=args.checkpoint)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for name, summary in result["estimators"].items():
+        layers = "  ".join(f"{layer} {m['rmse_mean']:.3g}" for layer, m in summary["layers"].items())
+        print(f"{name:<14} angle {summary['angle_deg']:7.3f} deg   RMSE: {layers}")
+    print(f"gdu.json and plots in {out_dir}")
+    return 0
+
+
+COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval, "gdu": command_gdu}
 
 
 def main(argv: list[str] | None = None) -> int:

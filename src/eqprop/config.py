@@ -180,6 +180,8 @@ class TrainConfig(Strict):
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
     channels_last: bool = Field(False, description="conv models: keep weights and states channels-last (NHWC)")
+    angle_every: PositiveInt | None = Field(
+        None, description="every N batches, log the angle between the estimate and BPTT's gradient (costly)")
 
 
 class RunConfig(Strict):
@@ -206,6 +208,11 @@ class RunConfig(Strict):
         if needs == "vector_field" and not separate:
             raise ValueError(f"estimator.name: {self.estimator.name} needs a vector-field model "
                              "(model.backward: separate)")
+        if ESTIMATORS[self.estimator.name].moves_weights:
+            o = self.optim
+            if o.name != "sgd" or o.momentum or o.weight_decay or o.nesterov:
+                raise ValueError(f"optim: {self.estimator.name} moves the weights itself with plain SGD steps "
+                                 "during the nudged phase; use name sgd, momentum 0, weight_decay 0")
         return self
 
 # -- reading, changing, writing -------------------------------------------------

@@ -48,6 +48,8 @@ class Estimator(ABC):
     config_fields: ClassVar[tuple[str, ...]] = ()
     #: which models it can train: "energy" (needs Φ), "vector_field" (needs B), or "any"
     models: ClassVar[str] = "energy"
+    #: True if :meth:`train_step` moves the weights itself (plain SGD steps, no optimizer.step())
+    moves_weights: ClassVar[bool] = False
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
         self.phases = phases

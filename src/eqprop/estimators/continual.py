@@ -191,6 +191,7 @@ class ContinualEP(Estimator):
 
     config_fields: ClassVar[tuple[str, ...]] = ("random_sign",)
     rule: ClassVar[Rule] = "ep"
+    moves_weights = True
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None,
                  random_sign: bool = False, lr: float | Sequence[float] = 0.0) -> None:
@@ -253,3 +254,4 @@ class ContinualVF(ContinualEP):
     """Continual VF: W, b and B follow (post-synaptic change) x (pre-synaptic state) / β per step."""
 
     rule: ClassVar[Rule] = "vf"
+    models = "vector_field"

@@ -37,6 +37,7 @@ from ..dynamics import run_phase
 from ..estimators.base import Estimator, Phases
 from ..estimators.bptt import BPTT
 from ..models.base import EnergyModel
+from ..models.vf import VectorFieldModel
 from .bptt_steps import bptt_step_grads
 from .ep_steps import ep_step_updates, symmetric_traces
 from .metrics import angle_deg, layer_metrics
@@ -51,10 +52,7 @@ VF_MODEL_ESTIMATORS = ("vf", "c_vf")
 
 def is_vector_field(model: EnergyModel) -> bool:
     """A vector-field (unidirectional) model: it has ``vector_field_grads`` and no usable Φ."""
-    flag = getattr(model, "is_vector_field", None)
-    if flag is not None:
-        return bool(flag() if callable(flag) else flag)
-    return getattr(model, "vector_field_grads", None) is not None
+    return isinstance(model, VectorFieldModel)
 
 
 def _parameter_names(model: EnergyModel) -> list[str]:

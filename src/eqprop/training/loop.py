@@ -8,7 +8,7 @@ the host. Non-finite values anywhere (states, estimates) raise
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..data import BatchLoader
 from ..dynamics import run_phase
 from ..estimators import Estimator
+from ..gdu import gradient_angle
 from ..models import EnergyModel
 
 
@@ -32,6 +33,7 @@ class EpochStats:
     error: float
     seconds: float
     samples: int
+    gradient_angles: list[list[float]] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -62,17 +64,26 @@ class _Totals:
 
 def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim.Optimizer,
                 loader: BatchLoader, epoch: int, refresh_every: int = 50,
-                show_progress: bool = False) -> EpochStats:
-    """Estimate, check and apply the gradient of every batch of ``loader`` once."""
+                show_progress: bool = False, angle_every: int | None = None,
+                angle_bptt_steps: int | str | None = None) -> EpochStats:
+    """Estimate, check and apply the gradient of every batch of ``loader`` once.
+
+    With ``angle_every``, every that many batches the angle between the
+    estimate and BPTT's gradient on the batch (before the update) is measured
+    and kept in :attr:`EpochStats.gradient_angles` as ``[batch, degrees]``.
+    """
     model.train()
     totals = _Totals(loader.device)
     params = model.trainable_parameters()
+    angles: list[list[float]] = []
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=not show_progress, dynamic_ncols=True)
     with bar:
         for i, (x, y) in enumerate(loader, start=1):
             target = F.one_hot(y, model.head.classes).to(x.dtype)
+            if angle_every and (i - 1) % angle_every == 0:
+                angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
             result = estimator.train_step(model, x, target, optimizer)
             totals.finite &= torch.stack([torch.isfinite(d).all() for d in result.direction]).all()
             with torch.no_grad():
@@ -88,7 +99,7 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     seconds = time.perf_counter() - start
     totals.finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
     loss, error, _ = _checked(totals, epoch, len(loader))
-    return EpochStats(loss, error, seconds, totals.samples)
+    return EpochStats(loss, error, seconds, totals.samples, angles)
 
 
 def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, bool]:

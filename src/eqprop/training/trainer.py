@@ -113,7 +113,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     (out_dir / "config.yaml").write_text(config_to_yaml(config))
 
     for epoch in range(first_epoch, config.train.epochs + 1):
-        stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress)
+        stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress,
+                            angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps)
         scheduler.step()
         test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
@@ -121,6 +122,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                   "samples_per_second": stats.samples_per_second,
                   "lr": [group["lr"] for group in optimizer.param_groups],
                   **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
+        if stats.gradient_angles:
+            record["gradient_angles"] = stats.gradient_angles
         save_checkpoint(checkpoint_path, {
             "config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
