@@ -125,3 +125,16 @@ def test_wrong_number_of_learning_rates_is_a_config_error(tmp_path):
 def test_model_that_does_not_fit_the_data_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.sizes"):
         train(small_config(model={"sizes": [100, 32, 10]}), tmp_path, log=quiet)
+
+
+def test_bf16_autocast_run_learns(tmp_path):
+    records = train(small_config(train={"epochs": 2, "bf16_autocast": True}), tmp_path, log=quiet)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["test_error"] < 0.6
+
+
+def test_gradient_angle_is_logged_every_n_batches(tmp_path):
+    records = train(small_config(train={"epochs": 1, "angle_every": 7}), tmp_path, log=quiet)
+    angles = records[0]["gradient_angles"]
+    assert [batch for batch, _ in angles] == [1, 8, 15]
+    assert all(0.0 <= angle < 90.0 for _, angle in angles)

@@ -180,6 +180,8 @@ class TrainConfig(Strict):
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
     channels_last: bool = Field(False, description="conv models: keep weights and states channels-last (NHWC)")
+    bf16_autocast: bool = Field(False, description="run the phases under bfloat16 autocast (faster on GPUs; "
+                                                   "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(
         None, description="every N batches, log the angle between the estimate and BPTT's gradient (costly)")
 

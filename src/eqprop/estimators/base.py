@@ -63,7 +63,7 @@ class Estimator(ABC):
         """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter."""
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
-            p.grad = d.neg()
+            p.grad = d.neg().to(p.dtype)  # a no-op unless the phases ran under autocast
         return result
 
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,

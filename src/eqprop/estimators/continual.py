@@ -22,6 +22,13 @@ step, in this order, for t = 0..K-1:
    depends on the weights, so it is recomputed after every update (keeping the
    batch's dropout mask, see :func:`refresh_clamped`).
 
+Fully connected models (:class:`~eqprop.models.mlp.PMLP` and
+:class:`~eqprop.models.vf.VFMLP`) skip the first layer's per-step work: the
+input x is constant during the phase, so the first layer's update telescopes
+and its weights act only through the drive, updated with the batch's B×B Gram
+matrix instead of a B×input matmul (:func:`telescoped_first_layer`). Same
+updates to rounding, about the cost of a one-sided EP step.
+
 Learning rates and the optimizer: :meth:`ContinualEP.train_step` moves the
 weights itself with plain SGD steps of each group's current ``lr`` (so
 per-layer rates and schedulers apply) and never calls ``optimizer.step()``.
@@ -49,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
+from ..models.mlp import MLPClamped, PMLP
 from .base import Estimate, Estimator, Phases, register
 
 Rule = Literal["ep", "vf"]
@@ -102,12 +110,17 @@ class ContinualResult:
 def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, beta: float,
                            target: Tensor, steps: int, lrs: Sequence[float], rule: Rule = "ep",
                            record: bool = False,
-                           vf_grads: VectorFieldGrads = model_vector_field_grads) -> ContinualResult:
+                           vf_grads: VectorFieldGrads = model_vector_field_grads,
+                           telescope: bool = True) -> ContinualResult:
     """Run ``steps`` nudged steps from ``state`` moving the weights at every step (module docstring).
 
     Changes the model's parameters in place (``p += lr · Δ_θ(t)``; ``lrs``
     aligned with ``model.trainable_parameters()``, 0 freezes a parameter).
     Call under ``torch.no_grad()``.
+
+    ``telescope``: take the fast path of :func:`telescoped_first_layer` where it
+    applies (a fully connected model, no ``record``, the model's own
+    ``vector_field_grads``); ``False`` forces the generic per-step path.
     """
     if beta == 0.0:
         raise ValueError("continual EP needs a nonzero β")
@@ -117,23 +130,17 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     lrs = [float(lr) for lr in lrs]
     if len(lrs) != len(params):
         raise ValueError(f"{len(lrs)} learning rates for {len(params)} trainable parameters")
+    if (telescope and not record and (rule == "ep" or vf_grads is model_vector_field_grads)
+            and first_layer_telescopes(model, clamped)):
+        return telescoped_first_layer(model, clamped, state, beta, target, steps, lrs, rule)
     moving = any(lr != 0.0 for lr in lrs)
-    has_head = any(True for _ in model.head.parameters())
     inv_beta = 1.0 / beta
     total = [torch.zeros_like(p) for p in params]
     neuron_steps: list[list[Tensor]] | None = [] if record else None
     param_steps: list[list[Tensor]] | None = [] if record else None
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        if rule == "ep":
-            updates = model.param_grads_difference(clamped, nxt, state)
-        else:
-            updates = vf_grads(model, clamped, state, [a - b for a, b in zip(nxt, state)])
-        if has_head:
-            head = model.head.param_grads(nxt[-1], target, beta)
-            if t > 0:  # G_{β_0}(s_0) = G_0(s*) = 0 for the head
-                head = [a - b for a, b in zip(head, model.head.param_grads(state[-1], target, beta))]
-            updates = list(updates) + head
+        updates = step_updates(model, clamped, nxt, state, beta, target, t, rule, vf_grads)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
         # the updates are G differences; 1/β (and η/β) are folded into the in-place adds
@@ -148,6 +155,106 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
             clamped = refresh_clamped(model, clamped)
         state = nxt
     return ContinualResult(total, state, clamped, neuron_steps, param_steps)
+
+
+def step_updates(model: EnergyModel, clamped: Clamped, nxt: State, state: State, beta: float, target: Tensor,
+                 t: int, rule: Rule, vf_grads: VectorFieldGrads = model_vector_field_grads) -> list[Tensor]:
+    """``β · Δ_θ(t)`` for every trainable parameter, from ``state`` = s_t to ``nxt`` = s_{t+1} (module doc)."""
+    if rule == "ep":
+        updates = list(model.param_grads_difference(clamped, nxt, state))
+    else:
+        updates = list(vf_grads(model, clamped, state, [a - b for a, b in zip(nxt, state)]))
+    if any(True for _ in model.head.parameters()):
+        head = model.head.param_grads(nxt[-1], target, beta)
+        if t > 0:  # G_{β_0}(s_0) = G_0(s*) = 0 for the head
+            head = [a - b for a, b in zip(head, model.head.param_grads(state[-1], target, beta))]
+        updates += head
+    return updates
+
+
+def first_layer_telescopes(model: EnergyModel, clamped: Clamped) -> bool:
+    """True for the models :func:`telescoped_first_layer` applies to.
+
+    A :class:`PMLP` (or :class:`~eqprop.models.vf.VFMLP`) clamped by
+    ``PMLP.clamp``: its first layer is a Linear on the clamped input x, the step
+    reads the first layer's weights only through ``clamped.offsets[0]``, and its
+    update rules read x only in the first layer's outer product.
+    """
+    return (isinstance(model, PMLP) and isinstance(clamped, MLPClamped)
+            and type(model).clamp is PMLP.clamp and getattr(model, "refresh_clamped", None) is None)
+
+
+def clamped_with_drive(model: PMLP, x: Tensor, drive: Tensor, transposed: list[bool]) -> MLPClamped:
+    """``model.clamp(x)`` given its first-layer drive ``W_1 x + b_1`` (the other offsets from the current biases)."""
+    k, c = model.activation.scale, model.activation.shift
+    constants = [drive] + [layer.bias for layer in model.layers[1:]]
+    offsets = constants if (k, c) == (1.0, 0.0) else [(v - c) * k for v in constants]
+    offsets = [o.unsqueeze(1) if t else o for o, t in zip(offsets, transposed)]
+    return MLPClamped(x, drive, offsets, transposed)
+
+
+def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta: float, target: Tensor,
+                           steps: int, lrs: list[float], rule: Rule) -> ContinualResult:
+    """:func:`continual_nudged_phase` for a fully connected model, its first layer telescoped.
+
+    For the first layer, on the clamped input x (``[B, input]``), both rules
+    make the same update at step t (batch means, ``η_W``, ``η_b`` the rates of
+    W_1 and b_1, ``Δ_t = s^1_t - s^1_0``, ``[B, H]``)::
+
+        W_1(t+1) = W_1(t) + (η_W/β)/B · (s^1_{t+1} - s^1_t)^T x
+        b_1(t+1) = b_1(t) + (η_b/β)   · mean_batch(s^1_{t+1} - s^1_t)
+
+    x is constant during the phase, so the sum telescopes:
+    ``W_1(t) = W_1(0) + (η_W/β)/B · Δ_t^T x`` and ``b_1(t) = b_1(0) + (η_b/β)/B · 1^T Δ_t``.
+    The whole phase's update ``(η/β)/B · Δ_K^T x`` is therefore applied once,
+    at the end (one outer product instead of K), and during the phase the
+    weights act only through the drive::
+
+        drive_t = x W_1(t)^T + b_1(t) = drive_0 + M Δ_t,   M = (η_W/β · x x^T + η_b/β · 1 1^T) / B,
+
+    with M the ``[B, B]`` mixing matrix of the batch (its Gram matrix x x^T),
+    computed once: a B×B×H update per step instead of the B×input×H re-clamp.
+    The other layers (and the head) keep the per-step rule, whose update
+    functions get an input with no features so that they skip the first
+    layer's outer product (:func:`first_layer_telescopes` checks the model).
+    The results equal the per-step path's to rounding; with ``record`` or
+    another model use :func:`continual_nudged_phase`'s generic path.
+    """
+    params = model.trainable_parameters()
+    first = model.layers[0]
+    i_w = next(i for i, p in enumerate(params) if p is first.weight)
+    i_b = next(i for i, p in enumerate(params) if p is first.bias)
+    x, drive_0, start = clamped.x, clamped.drive, state[0]
+    inv_beta, inv_batch = 1.0 / beta, 1.0 / x.shape[0]
+    rate_w, rate_b = lrs[i_w] * inv_beta, lrs[i_b] * inv_beta
+    moving = any(lr != 0.0 for lr in lrs)
+    mixing = None
+    if rate_w != 0.0 or rate_b != 0.0:
+        mixing = torch.mm(x, x.t()).mul_(rate_w * inv_batch).add_(rate_b * inv_batch)
+    no_input = Clamped(x[:, :0])   # the update rules' first-layer outer product becomes [H, 0]
+    total = [torch.zeros_like(p) for p in params]
+    for t in range(steps):
+        nxt = model.step(clamped, state, beta, target)
+        updates = step_updates(model, no_input, nxt, state, beta, target, t, rule)
+        if len(updates) != len(params):
+            raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
+        for i, (p, u, acc, lr) in enumerate(zip(params, updates, total, lrs)):
+            if i == i_w or i == i_b:
+                continue
+            acc.add_(u, alpha=inv_beta)
+            if lr != 0.0:
+                p.add_(u, alpha=lr * inv_beta)
+        if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
+            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, nxt[0] - start)
+            clamped = clamped_with_drive(model, x, drive, clamped.transposed)
+        state = nxt
+    change = state[0] - start
+    total[i_w] = torch.mm(change.t(), x).mul_(inv_batch * inv_beta)
+    total[i_b] = change.mean(dim=0).mul_(inv_beta)
+    for i in (i_w, i_b):
+        if lrs[i] != 0.0:
+            params[i].add_(total[i], alpha=lrs[i])
+    return ContinualResult(total, state, clamped)
 
 
 def optimizer_learning_rates(model: EnergyModel, optimizer: torch.optim.Optimizer) -> list[float]:
@@ -191,6 +298,9 @@ class ContinualEP(Estimator):
 
     config_fields: ClassVar[tuple[str, ...]] = ("random_sign",)
     rule: ClassVar[Rule] = "ep"
+    #: fully connected models telescope their first layer (:func:`telescoped_first_layer`);
+    #: set ``False`` on an instance to force the generic per-step path (tests, benchmarks)
+    telescope_first_layer: bool = True
     moves_weights = True
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None,
@@ -219,7 +329,7 @@ class ContinualEP(Estimator):
         clamped = model.clamp(x)
         free = self.free_phase(model, clamped)
         result = continual_nudged_phase(model, clamped, free, self.beta(), target, self.phases.t2, lrs,
-                                        self.rule)
+                                        self.rule, telescope=self.telescope_first_layer)
         return Estimate(result.direction, free)
 
     @torch.no_grad()

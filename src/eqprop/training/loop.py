@@ -65,7 +65,7 @@ class _Totals:
 def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim.Optimizer,
                 loader: BatchLoader, epoch: int, refresh_every: int = 50,
                 show_progress: bool = False, angle_every: int | None = None,
-                angle_bptt_steps: int | str | None = None) -> EpochStats:
+                angle_bptt_steps: int | str | None = None, bf16_autocast: bool = False) -> EpochStats:
     """Estimate, check and apply the gradient of every batch of ``loader`` once.
 
     With ``angle_every``, every that many batches the angle between the
@@ -84,11 +84,12 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
             target = F.one_hot(y, model.head.classes).to(x.dtype)
             if angle_every and (i - 1) % angle_every == 0:
                 angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
-            result = estimator.train_step(model, x, target, optimizer)
+            with torch.autocast(loader.device.type, torch.bfloat16, enabled=bf16_autocast):
+                result = estimator.train_step(model, x, target, optimizer)
             totals.finite &= torch.stack([torch.isfinite(d).all() for d in result.direction]).all()
             with torch.no_grad():
-                logits = model.logits(result.free_state)
-                totals.add(logits, model.head.loss(result.free_state[-1], target), y)
+                free = [s.to(x.dtype) for s in result.free_state]
+                totals.add(model.logits(free), model.head.loss(free[-1], target), y)
             bar.update()
             if i % refresh_every == 0 or i == len(loader):
                 loss, error, finite = _checked(totals, epoch, i)

@@ -114,7 +114,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
 
     for epoch in range(first_epoch, config.train.epochs + 1):
         stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress,
-                            angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps)
+                            angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
+                            bf16_autocast=config.train.bf16_autocast)
         scheduler.step()
         test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
