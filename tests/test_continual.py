@@ -341,3 +341,144 @@ def test_continual_phase_records_per_step_updates_that_sum_to_the_direction():
     for n, s in enumerate(result.state):
         torch.testing.assert_close(free[n] + PHASES.beta * sum(step[n] for step in result.neuron_steps), s,
                                    rtol=1e-12, atol=1e-13)
+
+
+# -- the telescoped first layer of fully connected models ----------------------------------
+def fc_model(kind: str, loss: str, activation: str = "scaled_sigmoid", nudge_inside: bool = True):
+    """A float64 P-MLP (c_ep) or VF-MLP (c_vf), dropout-free, batch 9 (wider than the 8- and
+    4-unit layers, which use the transposed matmul), and a batch of data."""
+    from eqprop.models.vf import VFMLP
+    g = torch.Generator().manual_seed(11)
+    cls = PMLP if kind == "c_ep" else VFMLP
+    model = cls([12, 10, 8, 4], activation=activation, loss=loss, nudge_inside=nudge_inside,
+                generator=g).double()
+    x = torch.rand(9, 12, generator=g, dtype=torch.float64)
+    target = F.one_hot(torch.randint(0, 4, (9,), generator=g), 4).double()
+    return model, x, target
+
+
+def assert_relative(actual, expected, rtol=1e-12):
+    """Every tensor within ``rtol`` of the largest entry of its reference."""
+    for a, e in zip(actual, expected, strict=True):
+        error = float((a - e).detach().abs().max() / e.detach().abs().max())
+        assert error <= rtol, error
+
+
+#: the directions are state changes over β, which amplifies rounding: the per-step path itself
+#: moves its directions by up to ~3e-12 (relative) when every weight changes by one ulp
+DIRECTION_RTOL = 1e-11
+
+
+FAST_CASES = [(kind, loss, sign) for kind in ("c_ep", "c_vf") for loss in ("mse", "ce")
+              for sign in (False, True)]
+
+
+@pytest.mark.parametrize("kind, loss, random_sign", FAST_CASES)
+def test_telescoped_first_layer_trains_like_the_per_step_path(kind, loss, random_sign):
+    model, x, target = fc_model(kind, loss)
+    reference = copy.deepcopy(model)
+    phases = Phases(40, 8, 0.1)
+    fast = build_estimator(kind, phases, torch.Generator().manual_seed(1), random_sign=random_sign)
+    slow = build_estimator(kind, phases, torch.Generator().manual_seed(1), random_sign=random_sign)
+    slow.telescope_first_layer = False
+    if random_sign:   # seed 1 draws both signs in the three batches below
+        signs = build_estimator(kind, phases, torch.Generator().manual_seed(1), random_sign=True)
+        assert {signs.beta() > 0 for _ in range(3)} == {True, False}
+    lrs = [0.05, 0.02, 0.01]
+    opt_fast, opt_slow = sgd(model, lrs), sgd(reference, lrs)
+    before = params_of(model)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):   # the weights after each batch feed the next
+        xb = x + 0.1 * torch.rand(x.shape, generator=g, dtype=x.dtype)
+        a = fast.train_step(model, xb, target, opt_fast)
+        b = slow.train_step(reference, xb, target, opt_slow)
+        assert_relative(a.direction, b.direction, DIRECTION_RTOL)
+        assert_relative(model.trainable_parameters(), reference.trainable_parameters())
+        assert_relative(a.free_state, b.free_state)
+    assert all(not torch.equal(p, q) for p, q in zip(model.trainable_parameters(), before))
+    # estimate(): η → 0 (frozen weights) and a real η, the model left unchanged
+    fast.random_sign = slow.random_sign = False
+    for lr in (0.0, [0.05, 0.02, 0.01]):
+        a = fast.estimate(model, x, target, lr=lr)
+        b = slow.estimate(model, x, target, lr=lr)
+        assert_relative(a.direction, b.direction, DIRECTION_RTOL)
+    assert_relative(model.trainable_parameters(), reference.trainable_parameters())
+
+
+@pytest.mark.parametrize("kind", ["c_ep", "c_vf"])
+@pytest.mark.parametrize("activation, nudge_inside", [("tanh", True), ("hard_sigmoid", False),
+                                                      ("scaled_sigmoid", False)])
+def test_telescoped_first_layer_with_other_activations_and_rates(kind, activation, nudge_inside):
+    # σ with (scale, shift) = (1, 0) keeps the drive itself as the offset; per-parameter rates,
+    # a frozen first layer, and a first layer moving alone
+    for lrs in ([0.04, 0.03, 0.02], [0.0, 0.03, 0.02], [0.04, 0.0, 0.0]):
+        model, x, target = fc_model(kind, "mse", activation, nudge_inside)
+        reference = copy.deepcopy(model)
+        fast = build_estimator(kind, Phases(40, 6, -0.2))
+        slow = build_estimator(kind, Phases(40, 6, -0.2))
+        slow.telescope_first_layer = False
+        a = fast.train_step(model, x, target, sgd(model, lrs))
+        b = slow.train_step(reference, x, target, sgd(reference, lrs))
+        assert_relative(a.direction, b.direction, DIRECTION_RTOL)
+        assert_relative(model.trainable_parameters(), reference.trainable_parameters())
+
+
+@pytest.mark.parametrize("kind, loss", [("c_ep", "mse"), ("c_vf", "ce")])
+def test_telescoped_first_layer_clamps_once_and_ends_with_the_refreshed_drive(kind, loss):
+    from eqprop.estimators.continual import clamped_with_drive, first_layer_telescopes, model_vector_field_grads
+    model, x, target = fc_model(kind, loss)
+    reference = copy.deepcopy(model)
+    rule = "ep" if kind == "c_ep" else "vf"
+    lrs = [0.05] * len(model.trainable_parameters())
+    clamps = []
+    clamp = model.clamp
+
+    def counting_clamp(inputs):
+        clamps.append(inputs)
+        return clamp(inputs)
+
+    model.clamp = counting_clamp
+    with torch.no_grad():
+        clamped = clamp(x)
+        assert first_layer_telescopes(model, clamped)
+        free = run_phase(model, clamped, model.init_state(x), 40)
+        fast = continual_nudged_phase(model, clamped, free, 0.1, target, 8, lrs, rule)
+        slow = continual_nudged_phase(reference, reference.clamp(x), free, 0.1, target, 8, lrs, rule,
+                                      telescope=False)
+    assert clamps == []    # no re-clamp: the drive follows the Gram matrix
+    assert_relative(fast.direction, slow.direction, DIRECTION_RTOL)
+    assert_relative(fast.state, slow.state)
+    assert_relative(fast.clamped.offsets + [fast.clamped.drive], slow.clamped.offsets + [slow.clamped.drive])
+    for a, b in zip(fast.clamped.offsets, slow.clamped.offsets):
+        assert a.shape == b.shape
+    assert fast.clamped.transposed == slow.clamped.transposed == [False, True, True][:len(free)]
+    # clamped_with_drive rebuilds model.clamp exactly from the drive
+    fresh = clamp(x)
+    rebuilt = clamped_with_drive(model, x, fresh.drive, fresh.transposed)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.offsets, fresh.offsets))
+    # record, or another vector-field rule, take the generic path (which re-clamps)
+    with torch.no_grad():
+        continual_nudged_phase(model, clamp(x), free, 0.1, target, 3, lrs, rule, record=True)
+        assert len(clamps) == 3
+        if rule == "vf":
+            continual_nudged_phase(model, clamp(x), free, 0.1, target, 2, lrs, rule,
+                                   vf_grads=lambda *args: model_vector_field_grads(*args))
+            assert len(clamps) == 5
+
+
+def test_only_fully_connected_models_telescope():
+    from eqprop.estimators.continual import first_layer_telescopes
+    model, x, _ = fc_model("c_vf", "mse")
+    assert first_layer_telescopes(model, model.clamp(x))
+    assert not first_layer_telescopes(model, Clamped(x, model.clamp(x).drive))
+    stand_in, _, _, _ = stand_in_vf()
+    assert not first_layer_telescopes(stand_in, stand_in.clamp(torch.rand(2, 6, dtype=torch.float64)))
+    cnn = PCNN((1, 8, 8), [4], [3], [1], [1], [10], generator=torch.Generator().manual_seed(0)).double()
+    assert not first_layer_telescopes(cnn, cnn.clamp(torch.rand(2, 1, 8, 8, dtype=torch.float64)))
+
+    class ClampedDifferently(PMLP):
+        def clamp(self, inputs):
+            return super().clamp(inputs)
+
+    other = ClampedDifferently([12, 10, 4], generator=torch.Generator().manual_seed(0)).double()
+    assert not first_layer_telescopes(other, other.clamp(x))

@@ -51,6 +51,7 @@ class MLPConfig(Strict):
         _check_activation(self.activation)
         if self.loss == "ce" and len(self.sizes) < 3:
             raise ValueError("sizes: the softmax readout (loss ce) needs at least one hidden layer")
+        _check_backward(self, len(self.sizes) - (1 if self.loss == "mse" else 2))
         return self
 
 
@@ -83,7 +84,15 @@ class CNNConfig(Strict):
         for key in ("kernels", "strides", "paddings"):
             if len(getattr(self, key)) != n:
                 raise ValueError(f"{key}: needs one value per conv layer ({n}), got {len(getattr(self, key))}")
+        _check_backward(self, n + len(self.fc) - (0 if self.loss == "mse" else 1))
         return self
+
+
+def _check_backward(config: "MLPConfig | CNNConfig", layers_in_dynamics: int) -> None:
+    """A vector-field model needs a layer with top-down input, i.e. two layers in the dynamics."""
+    if config.backward == "separate" and layers_in_dynamics < 2:
+        raise ValueError("backward: separate backward weights need at least two layers in the dynamics "
+                         "(the softmax readout is not one); add a hidden layer or use loss mse")
 
 
 def _check_activation(name: str) -> None:

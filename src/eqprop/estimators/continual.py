@@ -248,9 +248,9 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
             drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, nxt[0] - start)
             clamped = clamped_with_drive(model, x, drive, clamped.transposed)
         state = nxt
-    change = state[0] - start
-    total[i_w] = torch.mm(change.t(), x).mul_(inv_batch * inv_beta)
-    total[i_b] = change.mean(dim=0).mul_(inv_beta)
+    change = state[0] - start   # the first layer's whole-phase update, telescoped
+    total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)
+    total[i_b].add_(change.mean(dim=0), alpha=inv_beta)
     for i in (i_w, i_b):
         if lrs[i] != 0.0:
             params[i].add_(total[i], alpha=lrs[i])
