@@ -32,6 +32,11 @@ def run(capsys, *argv):
     (["--epochs", "0"], "train.epochs"),
     (["--preset", "no-such-preset"], "no-such-preset"),
     (["--set", "oops"], "dotted.key=value"),
+    (["--set", "model.backward=separate"], "estimator.name"),  # symmetric EP needs Φ
+    (["--set", "model.backward=separate", "--set", "estimator.name=kp_vf", "--set", "model.loss=ce"],
+     "model.backward"),  # no layer with top-down input
+    (["--set", "estimator.name=c_ep"], "optim"),  # C-EP moves the weights with plain SGD, not Adam
+    (["--set", "estimator.name=c_vf", "--set", "optim.name=sgd"], "estimator.name"),  # C-VF needs B
 ])
 def test_bad_configuration_exits_2_with_one_line(capsys, tmp_path, argv, key):
     status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)

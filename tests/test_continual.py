@@ -215,6 +215,8 @@ class StandInVF(EnergyModel):
     """A minimal vector-field MLP with the interface of ``eqprop.models.vf``:
     ``s^n ← σ(W_n s^{n-1} + b_n + B_{n+1} s^{n+1})``, squared error, nudge inside σ."""
 
+    is_vector_field = True
+
     def __init__(self, sizes, generator):
         super().__init__()
         from eqprop.activations import get_activation

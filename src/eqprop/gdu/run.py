@@ -37,7 +37,6 @@ from ..dynamics import run_phase
 from ..estimators.base import Estimator, Phases
 from ..estimators.bptt import BPTT
 from ..models.base import EnergyModel
-from ..models.vf import VectorFieldModel
 from .bptt_steps import bptt_step_grads
 from .ep_steps import ep_step_updates, symmetric_traces
 from .metrics import angle_deg, layer_metrics
@@ -52,7 +51,7 @@ VF_MODEL_ESTIMATORS = ("vf", "c_vf")
 
 def is_vector_field(model: EnergyModel) -> bool:
     """A vector-field (unidirectional) model: it has ``vector_field_grads`` and no usable Φ."""
-    return isinstance(model, VectorFieldModel)
+    return model.is_vector_field
 
 
 def _parameter_names(model: EnergyModel) -> list[str]:

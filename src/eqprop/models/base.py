@@ -53,6 +53,9 @@ class EnergyModel(nn.Module):
 
     activation: Activation
     head: Head
+    #: vector-field models (separate backward weights, no usable Φ) set this and define
+    #: ``vector_field_grads``; the vector-field estimators and the GDU check rely on it
+    is_vector_field: bool = False
 
     # -- what a model must define -------------------------------------------------
     def init_state(self, x: Tensor) -> State:

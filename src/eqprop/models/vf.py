@@ -74,6 +74,8 @@ class VectorFieldModel(EnergyModel):
     and define :meth:`preactivations` and :meth:`vector_field_grads`.
     """
 
+    is_vector_field = True
+
     backward: nn.ModuleDict
     _backward_spec: list[tuple[str, int, bool, int]]
 
