@@ -106,7 +106,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     def poisoned(self, model, x, target):  # a NaN estimate in the second epoch
         result = original(self, model, x, target)
         calls.append(1)
-        if len(calls) == 25:
+        if len(calls) == 25:  # the weights take the NaN, then the next batch's states
             result.direction[0][0, 0] = float("nan")
         return result
 

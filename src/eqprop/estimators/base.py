@@ -59,11 +59,21 @@ class Estimator(ABC):
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         """Run the phases on batch ``x`` with one-hot ``target`` and return ∇̂."""
 
+    def compile(self, **options: object) -> None:
+        """Replace :meth:`estimate` by its ``torch.compile`` d version (phases traced into
+        fused kernels; the first batch of each shape pays the compile time)."""
+        self.estimate = torch.compile(self.estimate, **options)  # type: ignore[method-assign]
+
     def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter."""
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
-            p.grad = d.neg().to(p.dtype)  # a no-op unless the phases ran under autocast
+            if p.grad is None or p.grad.shape != d.shape:
+                p.grad = d.neg().to(p.dtype)  # .to: a no-op unless the phases ran under autocast
+            elif p.grad.dtype == d.dtype:
+                torch.neg(d, out=p.grad)  # reuse the buffer: no fresh allocation per batch
+            else:
+                p.grad.copy_(d).neg_()
         return result
 
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,

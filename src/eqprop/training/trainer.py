@@ -94,6 +94,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     generators = Generators.seeded(config.train.seed, device)
     model.dropout_generator = generators.model
     estimator = build.build_estimator_from(config, generators.estimator)
+    if config.train.compile:
+        estimator.compile()
     optimizer = build.build_optimizer(config.optim, model)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
