@@ -70,6 +70,23 @@ def test_resume_drops_metrics_of_an_epoch_without_checkpoint(tmp_path):
     assert records[1]["train_loss"] > 0
 
 
+def test_extended_cosine_run_keeps_its_schedule(tmp_path):
+    config = small_config(schedule={"name": "cosine", "eta_min": 1e-4}, train={"epochs": 2})
+    train(config, tmp_path, log=quiet)
+    stored = load_checkpoint(tmp_path / CHECKPOINT)["config"]
+    assert stored["schedule"]["t_max"] == 2
+    longer = validate_config(stored)
+    longer = longer.model_copy(update={"train": longer.train.model_copy(update={"epochs": 3})})
+    records = train(longer, tmp_path, resume=True, log=quiet)
+    assert records[-1]["lr"] == pytest.approx([1e-4, 1e-4])  # annealed over 2 epochs, then constant
+
+
+def test_resume_refuses_changed_learning_rates(tmp_path):
+    train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        train(small_config(optim={"lr": [0.5, 0.5]}), tmp_path, resume=True, log=quiet)
+
+
 def test_new_run_refuses_to_overwrite_a_run(tmp_path):
     config = small_config(train={"epochs": 1})
     train(config, tmp_path, log=quiet)
@@ -80,13 +97,13 @@ def test_new_run_refuses_to_overwrite_a_run(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
     other = small_config(model={"sizes": [784, 64, 10]})
-    with pytest.raises(CheckpointError, match="another model"):
+    with pytest.raises(CheckpointError, match="other model settings"):
         train(other, tmp_path, resume=True, log=quiet)
 
 
 def test_resume_refuses_another_optimizer(tmp_path):
     train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
-    with pytest.raises(CheckpointError, match="optimizer"):
+    with pytest.raises(CheckpointError, match="optim.name"):
         train(small_config(optim={"name": "sgd", "lr": [0.1, 0.1]}), tmp_path, resume=True, log=quiet)
 
 

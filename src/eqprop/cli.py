@@ -25,6 +25,17 @@ class UsageError(Exception):
     """Wrong command-line usage (exit status 2)."""
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line instead of exiting by itself."""
 
@@ -53,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gdu = commands.add_parser("gdu", help="the GDU theorem check: EP's per-step updates against BPTT's gradients")
     _add_config_arguments(gdu)
-    gdu.add_argument("--batch-size", type=int, help="samples in the checked batch (default train.batch_size)")
-    gdu.add_argument("--t1", type=int, help="free steps (default dynamics.t1; the theorem needs convergence)")
-    gdu.add_argument("--k", type=int, help="nudged steps compared (default dynamics.t2)")
+    gdu.add_argument("--batch-size", type=_positive_int, help="samples in the checked batch (default train.batch_size)")
+    gdu.add_argument("--t1", type=_positive_int, help="free steps (default dynamics.t1; the theorem needs convergence)")
+    gdu.add_argument("--k", type=_positive_int, help="nudged steps compared (default dynamics.t2)")
     gdu.add_argument("--beta", type=float, help="nudging strength (default dynamics.beta; small is better)")
     gdu.add_argument("--estimators", help="comma list among one_sided, one_sided_neg, symmetric, c_ep, vf, c_vf "
                                           "(default: by model kind)")
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="test error of a saved checkpoint")
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt of a run")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    evaluate.add_argument("--test-subset", type=int, help="evaluate on the first N test samples")
+    evaluate.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test samples")
     _add_data_arguments(evaluate)
     return parser
 
@@ -157,18 +168,20 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_gdu(args: argparse.Namespace) -> int:
     from .gdu import gdu_command
 
-    config = resolve_config(args)
+    from .training.trainer import checkpoint_config
+
+    base = None
+    if args.checkpoint is not None and args.preset is None and args.config is None:
+        base = checkpoint_config(args.checkpoint).model_dump(mode="json")  # check the run's own model
+    config = resolve_config(args, base=base)
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
-    for name, value in (("--batch-size", args.batch_size), ("--t1", args.t1), ("--k", args.k)):
-        if value is not None and value < 1:
-            raise UsageError(f"{name} must be at least 1")
     if args.beta is not None and args.beta <= 0:
         raise UsageError("--beta must be positive")
     try:
         result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
-                             estimators=estimators, data_dir=args.data_dir, seed=args.seed, lr=args.lr,
-                             dtype=args.dtype, checkpoint=args.checkpoint)
+                             estimators=estimators, data_dir=args.data_dir, download=args.download, seed=args.seed,
+                             lr=args.lr, dtype=args.dtype, checkpoint=args.checkpoint)
     except ValueError as error:
         raise UsageError(str(error)) from None
     for name, summary in result["estimators"].items():
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug or an OS error: still one line unless debugging
         if os.environ.get("EQPROP_DEBUG"):
             raise
-        return _fail(f"{type(error).__name__}: {error} (set EQPROP_DEBUG=1 for the traceback)", 1)
+        return _fail(f"{type(error).__name__}: {_first_line(error)} (set EQPROP_DEBUG=1 for the traceback)", 1)
 
 
 def _show_progress_messages() -> None:
@@ -212,9 +225,13 @@ def _show_progress_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _first_line(error: object) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _fail(error: object, status: int) -> int:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"eqprop: error: {message}", file=sys.stderr)
+    print(f"eqprop: error: {_first_line(error)}", file=sys.stderr)
     return status
 
 

@@ -29,15 +29,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MLPConfig(Strict):
-    """A fully connected P-MLP: ``sizes`` = [input, hidden..., classes]."""
+class NetworkOptions(Strict):
+    """Settings shared by every kind of network: activation, loss, nudge, init, backward weights."""
 
-    kind: Literal["mlp"] = "mlp"
-    sizes: list[PositiveInt] = Field(default_factory=lambda: [784, 512, 10], min_length=2)
-    activation: str = "scaled_sigmoid"
-    loss: Literal["mse", "ce"] = "mse"
+    activation: str
+    loss: Literal["mse", "ce"]
     nudge: Literal["inside", "outside"] = Field(
-        "inside", description="add β(y - s) inside σ (Laborieux 2021) or after it (Ernoult 2020)")
+        "inside", description="add β(y - s) inside σ (Laborieux 2021) or after it (Ernoult 2020); mse only")
     init_scale: PositiveFloat = 1.0
     backward: Literal["tied", "separate"] = Field(
         "tied", description="tied: prototypical model (B = W^T); separate: vector-field model with its own B")
@@ -46,16 +44,32 @@ class MLPConfig(Strict):
     backward_angle: Annotated[float, Field(ge=0.0, le=180.0)] = Field(
         0.0, description="flipped: target angle Ψ in degrees (each sign flipped with probability (1 - cos Ψ)/2)")
 
+    def _check_network(self, layers_in_dynamics: int) -> None:
+        _check_activation(self.activation)
+        if self.loss == "ce" and self.nudge == "outside":
+            raise ValueError("nudge: the softmax readout nudges inside σ only (eq. 19); use nudge inside")
+        if self.backward == "separate" and layers_in_dynamics < 2:
+            raise ValueError("backward: separate backward weights need at least two layers in the dynamics "
+                             "(the softmax readout is not one); add a hidden layer or use loss mse")
+
+
+class MLPConfig(NetworkOptions):
+    """A fully connected P-MLP: ``sizes`` = [input, hidden..., classes]."""
+
+    kind: Literal["mlp"] = "mlp"
+    sizes: list[PositiveInt] = Field(default_factory=lambda: [784, 512, 10], min_length=2)
+    activation: str = "scaled_sigmoid"
+    loss: Literal["mse", "ce"] = "mse"
+
     @model_validator(mode="after")
     def _check(self) -> "MLPConfig":
-        _check_activation(self.activation)
         if self.loss == "ce" and len(self.sizes) < 3:
             raise ValueError("sizes: the softmax readout (loss ce) needs at least one hidden layer")
-        _check_backward(self, len(self.sizes) - (1 if self.loss == "mse" else 2))
+        self._check_network(len(self.sizes) - (1 if self.loss == "mse" else 2))
         return self
 
 
-class CNNConfig(Strict):
+class CNNConfig(NetworkOptions):
     """A P-CNN: conv layers (each followed by 2x2 max-pooling), then fully connected layers."""
 
     kind: Literal["cnn"] = "cnn"
@@ -67,32 +81,16 @@ class CNNConfig(Strict):
     fc: list[PositiveInt] = Field(default_factory=lambda: [10], min_length=1)
     activation: str = "half_hard_sigmoid"
     loss: Literal["mse", "ce"] = "ce"
-    nudge: Literal["inside", "outside"] = "inside"
     dropout: Fraction = 0.0
-    init_scale: PositiveFloat = 1.0
-    backward: Literal["tied", "separate"] = Field(
-        "tied", description="tied: prototypical model (B = W^T); separate: vector-field model with its own B")
-    backward_init: Literal["independent", "flipped"] = Field(
-        "independent", description="separate B: own random init, or W^T with signs flipped at random")
-    backward_angle: Annotated[float, Field(ge=0.0, le=180.0)] = Field(
-        0.0, description="flipped: target angle Ψ in degrees (each sign flipped with probability (1 - cos Ψ)/2)")
 
     @model_validator(mode="after")
     def _check(self) -> "CNNConfig":
-        _check_activation(self.activation)
         n = len(self.channels)
         for key in ("kernels", "strides", "paddings"):
             if len(getattr(self, key)) != n:
                 raise ValueError(f"{key}: needs one value per conv layer ({n}), got {len(getattr(self, key))}")
-        _check_backward(self, n + len(self.fc) - (0 if self.loss == "mse" else 1))
+        self._check_network(n + len(self.fc) - (0 if self.loss == "mse" else 1))
         return self
-
-
-def _check_backward(config: "MLPConfig | CNNConfig", layers_in_dynamics: int) -> None:
-    """A vector-field model needs a layer with top-down input, i.e. two layers in the dynamics."""
-    if config.backward == "separate" and layers_in_dynamics < 2:
-        raise ValueError("backward: separate backward weights need at least two layers in the dynamics "
-                         "(the softmax readout is not one); add a hidden layer or use loss mse")
 
 
 def _check_activation(name: str) -> None:
@@ -221,7 +219,11 @@ class RunConfig(Strict):
         if needs == "vector_field" and not separate:
             raise ValueError(f"estimator.name: {self.estimator.name} needs a vector-field model "
                              "(model.backward: separate)")
-        if ESTIMATORS[self.estimator.name].moves_weights:
+        cls = ESTIMATORS[self.estimator.name]
+        for field, default in (("bptt_steps", None), ("leak", 0.0), ("random_sign", False)):
+            if getattr(self.estimator, field) != default and field not in cls.config_fields:
+                raise ValueError(f"estimator.{field}: not used by estimator {self.estimator.name}")
+        if cls.moves_weights:
             o = self.optim
             if o.name != "sgd" or o.momentum or o.weight_decay or o.nesterov:
                 raise ValueError(f"optim: {self.estimator.name} moves the weights itself with plain SGD steps "

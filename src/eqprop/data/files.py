@@ -9,14 +9,12 @@ file under a real dataset name.
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from eqprop.atomic import atomic_write_path
 from eqprop.data.errors import DataError
 
 T = TypeVar("T")
@@ -74,22 +72,3 @@ def read_dataset_file(folder: Path, name: str, dataset: str, decode: Callable[[b
         raise DataError(f"cannot read {dataset} file {path}: {error.strerror or error}") from None
 
 
-@contextmanager
-def atomic_write_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target`` for the caller to fill.
-
-    If the ``with`` block finishes, the file is flushed to disk and renamed
-    onto ``target`` in one step; if it raises, the temporary file is deleted
-    and ``target`` is left untouched.
-    """
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        with temporary.open("r+b") as written:
-            os.fsync(written.fileno())
-        temporary.chmod(0o644)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import atomic_write_path  # noqa: E402
+
 #: how each trace is drawn: (label, style kwargs)
 STYLES = {
     "bptt": ("-BPTT", {"color": "tab:red", "lw": 2.2}),
@@ -57,7 +59,8 @@ def plot_traces(path: Path, picks: list[dict], k: int, beta: float) -> None:
     fig.suptitle(f"EP updates vs -BPTT gradients over the nudged phase (β = {beta:g}); "
                  "neurons in pre-activation space (-σ'(u)·∂L/∂s)", fontsize=9, y=0.005, va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    with atomic_write_path(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -82,5 +85,6 @@ def plot_rmse(path: Path, results: dict[str, dict]) -> None:
     ax.set_ylabel("RMSE vs BPTT (mean ± std over units)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write_path(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import atomic_write_text
 from ..config import RunConfig
 from ..dynamics import run_phase
 from ..estimators.base import Estimator, Phases
@@ -159,7 +160,7 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / GDU_JSON).write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        atomic_write_text(out / GDU_JSON, json.dumps(_json_safe(report), indent=2) + "\n")
         picks = _pick_units(ref_params, ref_neurons, {**sided, **traces}, param_names, neuron_names,
                             samples, seed)
         plot_traces(out / TRACES_PNG, picks, k, beta)
@@ -228,7 +229,7 @@ def gradient_angle(model: EnergyModel, estimator: Estimator, x: Tensor, target: 
 
 def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | None = None, k: int | None = None,
                 beta: float | None = None, t1: int | None = None, estimators: Sequence[str] | None = None,
-                data_dir: str | Path | None = None, seed: int | None = None,
+                data_dir: str | Path | None = None, download: bool = False, seed: int | None = None,
                 lr: float | Sequence[float] = 2e-5, dtype: str = "float64",
                 checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Build the model of ``config`` and one training batch, run :func:`run_gdu` into ``out_dir``.
@@ -244,6 +245,8 @@ def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | Non
     """
     from .. import build
     from ..data import load_dataset, resolve_data_root
+    from ..training.checkpoint import CheckpointError, load_checkpoint
+    from ..training.trainer import configure_torch
 
     seed = config.train.seed if seed is None else int(seed)
     t1 = config.dynamics.t1 if t1 is None else int(t1)
@@ -254,13 +257,16 @@ def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | Non
     config.train.batch_size = batch_size
     config.train.dtype = dtype
     config.data.augment = False
-    device = build.resolve_device(config.train.device)
+    device = configure_torch(config)
     root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
-    data = load_dataset(config.data.dataset, "train", root)
+    data = load_dataset(config.data.dataset, "train", root, download)
     model = build.build_model(config, seed)
     if checkpoint is not None:
-        from ..training.checkpoint import load_checkpoint
-        model.load_state_dict(load_checkpoint(Path(checkpoint))["model"])
+        try:
+            model.load_state_dict(load_checkpoint(Path(checkpoint))["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit the configured model "
+                                  f"({str(error).strip().splitlines()[0][:160]})") from None
     build.check_model_fits_data(config, model, data)
     model = model.to(device=device, dtype=build.DTYPES[dtype])
     loader = build.build_loader(config, data, True, device, torch.Generator().manual_seed(seed))

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_path, atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -23,7 +24,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite the whole metrics file atomically (used when resuming)."""
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -32,13 +33,6 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def plot_curves(out_dir: Path, records: list[dict[str, Any]], title: str) -> None:
@@ -69,11 +63,8 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, ylabel: str) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_write_path(path) as temporary:
+            fig.savefig(temporary, dpi=100, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

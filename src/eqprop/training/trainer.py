@@ -9,6 +9,7 @@ vector-field models, ``angles.png`` (the W–B^T angle per layer, logged as
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import build
+from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from ..data import load_dataset, resolve_data_root
@@ -73,6 +75,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``); return the metrics."""
     out_dir = Path(out_dir)
+    config = resolve_schedule(config)
     checkpoint_path = out_dir / CHECKPOINT
     if not resume and checkpoint_path.exists():
         raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
@@ -108,17 +111,19 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     records: list[dict[str, Any]] = []
     first_epoch = 1
     if checkpoint is not None:
-        first_epoch = _restore(checkpoint, checkpoint_path, model, optimizer, scheduler, generators) + 1
+        first_epoch = _restore(checkpoint, checkpoint_path, model, optimizer, scheduler, generators, device) + 1
         records = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] < first_epoch]
         write_metrics(out_dir / METRICS, records)
         log(f"resuming {out_dir} after epoch {first_epoch - 1}")
-    (out_dir / "config.yaml").write_text(config_to_yaml(config))
+    atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
 
     for epoch in range(first_epoch, config.train.epochs + 1):
         stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress,
                             angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
                             bf16_autocast=config.train.bf16_autocast)
-        scheduler.step()
+        with warnings.catch_warnings():  # estimators that move the weights themselves never call optimizer.step()
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
         test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
@@ -127,11 +132,13 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                   **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
         if stats.gradient_angles:
             record["gradient_angles"] = stats.gradient_angles
+        # metrics first: a crash in between leaves a metrics line that resume drops and redoes
+        append_metrics(out_dir / METRICS, record)
         save_checkpoint(checkpoint_path, {
             "config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generators": generators.state(), "data_dir": None if root is None else str(root)})
-        append_metrics(out_dir / METRICS, record)
+            "generators": generators.state(), "device": device.type,
+            "data_dir": None if root is None else str(root)})
         records.append(record)
         plot_curves(out_dir, records, config.name)
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
@@ -148,24 +155,46 @@ def _place(model: torch.nn.Module, config: RunConfig, device: torch.device) -> t
     return model
 
 
+def resolve_schedule(config: RunConfig) -> RunConfig:
+    """Make a cosine schedule's default length explicit (``t_max`` = the run's epochs), so that
+    a run extended by ``--resume --epochs N`` keeps the schedule it started with."""
+    if config.schedule.name != "cosine" or config.schedule.t_max is not None:
+        return config
+    schedule = config.schedule.model_copy(update={"t_max": config.train.epochs})
+    return config.model_copy(update={"schedule": schedule})
+
+
 def _check_resumable(stored: dict[str, Any], config: RunConfig, path: Path) -> None:
-    """Refuse to continue a checkpoint with another model or another optimizer."""
-    if stored.get("model") != config.model.model_dump(mode="json"):
-        raise CheckpointError(f"checkpoint {path} is from another model than the one configured")
-    if stored.get("optim", {}).get("name") != config.optim.name:
-        raise CheckpointError(f"checkpoint {path} was trained with another optimizer "
-                              f"({stored.get('optim', {}).get('name')}, not {config.optim.name})")
+    """Refuse to continue a checkpoint with another model, optimizer or schedule (their states
+    in the checkpoint would silently override the new settings)."""
+    for section in ("model", "optim", "schedule"):
+        now = getattr(config, section).model_dump(mode="json")
+        if stored.get(section) != now:
+            changed = sorted(k for k in now if stored.get(section, {}).get(k) != now[k])
+            raise CheckpointError(f"checkpoint {path} was trained with other {section} settings "
+                                  f"({', '.join(f'{section}.{k}' for k in changed)}); resume keeps them")
 
 
 def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any, generators: Generators) -> int:
-    """Load every state of ``checkpoint`` into the run's objects; return its epoch."""
+             optimizer: torch.optim.Optimizer, scheduler: Any, generators: Generators,
+             device: torch.device) -> int:
+    """Load every state of ``checkpoint`` into the run's objects; return its epoch.
+
+    A run moved to another kind of device continues with the same data order and
+    random signs (CPU generators), but device generators cannot carry over: the
+    dropout stream is then re-seeded from the seed and the epoch.
+    """
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        generators.restore(checkpoint["generators"])
-        return int(checkpoint["epoch"])
+        epoch = int(checkpoint["epoch"])
+        states = dict(checkpoint["generators"])
+        if checkpoint.get("device", device.type) != device.type:
+            states.pop("model")
+            generators.model.manual_seed(int(checkpoint["config"]["train"]["seed"]) + 3 + epoch)
+        generators.restore(states)
+        return epoch
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this run ({reason})") from None
