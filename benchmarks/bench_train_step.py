@@ -20,16 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from eqprop import build
-from eqprop.config import validate_config
+from eqprop.config import RunConfig, validate_config
 from eqprop.presets import load_preset, preset_names
 
 
-def time_steps(config, estimator_name: str, device: torch.device, steps: int, warmup: int) -> float:
+def time_steps(config: RunConfig, estimator_name: str, device: torch.device, steps: int, warmup: int,
+               compile_phases: bool = False) -> float:
     """Seconds per training step of ``config`` with the estimator ``estimator_name``."""
     config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name})})
     dtype = build.DTYPES[config.train.dtype]
     model = build.build_model(config).to(device=device, dtype=dtype)
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
+    if compile_phases:
+        estimator.compile()
     optimizer = build.build_optimizer(config.optim, model)
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)
@@ -39,8 +42,7 @@ def time_steps(config, estimator_name: str, device: torch.device, steps: int, wa
     target = F.one_hot(y, model.head.classes).to(dtype)
 
     def step() -> None:
-        estimator.fill_grads(model, x, target)
-        optimizer.step()
+        estimator.train_step(model, x, target, optimizer)
 
     for _ in range(warmup):
         step()
@@ -52,7 +54,7 @@ def time_steps(config, estimator_name: str, device: torch.device, steps: int, wa
     return (time.perf_counter() - start) / steps
 
 
-def input_shape(config) -> list[int]:
+def input_shape(config: RunConfig) -> list[int]:
     if config.model.kind == "mlp":
         return [config.model.sizes[0]]
     return list(config.model.input_shape)
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100, help="timed training steps per measurement")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the EP estimator's phases "
+                                                                "(timed after the warm-up, which compiles)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,10 +85,10 @@ def main() -> None:
     for name in names:
         config = validate_config(load_preset(name))
         steps = args.steps if config.model.kind == "mlp" else max(1, args.steps // 20)
-        ep = time_steps(config, config.estimator.name, device, steps, args.warmup)
+        ep = time_steps(config, config.estimator.name, device, steps, args.warmup, args.compile)
         bptt = time_steps(config, "bptt", device, steps, args.warmup)
         batch = config.train.batch_size
-        row = {"preset": name, "estimator": config.estimator.name, "batch_size": batch,
+        row = {"preset": name, "estimator": config.estimator.name, "compiled": args.compile, "batch_size": batch,
                "t1": config.dynamics.t1, "t2": config.dynamics.t2,
                "ep_seconds_per_step": ep, "ep_samples_per_second": batch / ep,
                "bptt_seconds_per_step": bptt, "bptt_samples_per_second": batch / bptt,

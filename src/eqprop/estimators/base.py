@@ -110,6 +110,19 @@ class Estimator(ABC):
         return [s[:batch] for s in both], [s[batch:] for s in both]
 
 
+def head_difference(model: EnergyModel, target: Tensor, first: tuple[State, float],
+                    second: tuple[State, float]) -> list[Tensor]:
+    """The head's part of an EP estimate: ``(∂(-β2 ℓ)/∂θ(s2) - ∂(-β1 ℓ)/∂θ(s1)) / (β2 - β1)``
+    (empty for heads without parameters)."""
+    (s1, b1), (s2, b2) = first, second
+    head = [torch.zeros_like(p) for p in model.head.parameters()]
+    for state, beta, sign in ((s2, b2, 1.0), (s1, b1, -1.0)):
+        if beta != 0.0:
+            for total, g in zip(head, model.head.param_grads(state[-1], target, beta)):
+                total.add_(g, alpha=sign)
+    return [h.mul_(1.0 / (b2 - b1)) for h in head]
+
+
 def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,
                   first: tuple[State, float], second: tuple[State, float]) -> list[Tensor]:
     """``(G_{β2}(s2) - G_{β1}(s1)) / (β2 - β1)``: the EP estimate from two phases.
@@ -118,14 +131,8 @@ def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,
     head's parameters (if any) the difference of their ``-βℓ`` gradients.
     """
     (s1, b1), (s2, b2) = first, second
-    scale = 1.0 / (b2 - b1)
-    grads = model.param_grads_difference(clamped, s2, s1)
-    head = [torch.zeros_like(p) for p in model.head.parameters()]
-    for state, beta, sign in ((s2, b2, 1.0), (s1, b1, -1.0)):
-        if beta != 0.0:
-            for total, g in zip(head, model.head.param_grads(state[-1], target, beta)):
-                total.add_(g, alpha=sign)
-    return [g.mul_(scale) for g in grads + head]
+    grads = [g.mul_(1.0 / (b2 - b1)) for g in model.param_grads_difference(clamped, s2, s1)]
+    return grads + head_difference(model, target, first, second)
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {}

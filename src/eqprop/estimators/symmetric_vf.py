@@ -24,8 +24,8 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..models.vf import VectorFieldModel
-from .base import Estimate, Estimator, ep_difference, register
-from .vf import head_difference, vector_field_grads
+from .base import Estimate, Estimator, ep_difference, head_difference, register
+from .vf import vector_field_grads
 
 
 def symmetric_vf_direction(model: EnergyModel, clamped: Clamped, target: Tensor, plus: State,

@@ -11,7 +11,7 @@ updates and drift apart. The head (softmax readout) gets its EP update
 ``-∂ℓ/∂θ_head`` at s^β, as in :func:`~.base.ep_difference`.
 
 This module also holds what the three VF estimators share:
-:func:`vector_field_grads` for any model and :func:`head_difference`.
+:func:`vector_field_grads` for any model.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..models.vf import VectorFieldModel
-from .base import Estimate, Estimator, register
+from .base import Estimate, Estimator, head_difference, register
 
 
 def vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
@@ -40,18 +40,6 @@ def vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta
         inner = sum((u * d.detach()).sum() for u, d in zip(drive, delta)) / clamped.x.shape[0]
         grads = torch.autograd.grad(inner, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
-
-
-def head_difference(model: EnergyModel, target: Tensor, first: tuple[State, float],
-                    second: tuple[State, float]) -> list[Tensor]:
-    """The head's part of the EP estimate: ``(∂(-β2 ℓ)/∂θ(s2) - ∂(-β1 ℓ)/∂θ(s1)) / (β2 - β1)``."""
-    (s1, b1), (s2, b2) = first, second
-    head = [torch.zeros_like(p) for p in model.head.parameters()]
-    for state, beta, sign in ((s2, b2, 1.0), (s1, b1, -1.0)):
-        if beta != 0.0:
-            for total, g in zip(head, model.head.param_grads(state[-1], target, beta)):
-                total.add_(g, alpha=sign)
-    return [h.mul_(1.0 / (b2 - b1)) for h in head]
 
 
 @register("vf")

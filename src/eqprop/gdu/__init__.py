@@ -6,9 +6,9 @@ package; ``gdu_command(config, out_dir, ...)`` for the command line;
 """
 from .bptt_steps import BPTTSteps, bptt_step_grads
 from .ep_steps import EP_ESTIMATORS, StepTraces, ep_step_updates
-from .metrics import active_steps, angle_deg, layer_metrics, rmse_summary, sign_agreement, unit_rmse
+from .metrics import active_steps, angle_deg, layer_metrics, sign_agreement, unit_rmse
 from .run import gdu_command, gradient_angle, run_gdu
 
 __all__ = ["BPTTSteps", "EP_ESTIMATORS", "StepTraces", "active_steps", "angle_deg", "bptt_step_grads",
-           "ep_step_updates", "gdu_command", "gradient_angle", "layer_metrics", "rmse_summary", "run_gdu",
+           "ep_step_updates", "gdu_command", "gradient_angle", "layer_metrics", "run_gdu",
            "sign_agreement", "unit_rmse"]

@@ -40,12 +40,6 @@ def unit_rmse(reference: Tensor, estimate: Tensor, steps: Tensor | None = None) 
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num)).sqrt()
 
 
-def rmse_summary(reference: Tensor, estimate: Tensor) -> tuple[float, float]:
-    """Mean and (population) standard deviation over units of :func:`unit_rmse`."""
-    values = unit_rmse(reference, estimate)
-    return float(values.mean()), float(values.std(correction=0)) if values.numel() > 1 else 0.0
-
-
 def sign_agreement(reference_total: Tensor, estimate_total: Tensor) -> float:
     """Percentage of units whose total has the sign of the reference total.
 

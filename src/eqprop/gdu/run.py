@@ -50,11 +50,6 @@ P_MODEL_ESTIMATORS = ("one_sided", "symmetric", "c_ep")
 VF_MODEL_ESTIMATORS = ("vf", "c_vf")
 
 
-def is_vector_field(model: EnergyModel) -> bool:
-    """A vector-field (unidirectional) model: it has ``vector_field_grads`` and no usable Φ."""
-    return model.is_vector_field
-
-
 def _parameter_names(model: EnergyModel) -> list[str]:
     name_of = {id(p): name for name, p in model.named_parameters()}
     return [name_of.get(id(p), f"param{i}") for i, p in enumerate(model.trainable_parameters())]
@@ -86,7 +81,7 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         raise ValueError(f"need 1 <= K <= T1, got K={k}, T1={t1}")
     if beta <= 0:
         raise ValueError(f"β must be > 0 (the check nudges at +β and -β), got {beta}")
-    vf_model = is_vector_field(model)
+    vf_model = model.is_vector_field
     if estimators is None:
         estimators = VF_MODEL_ESTIMATORS if vf_model else P_MODEL_ESTIMATORS
     estimators = list(dict.fromkeys(estimators))

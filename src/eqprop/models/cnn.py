@@ -175,7 +175,7 @@ class PCNN(EnergyModel):
 
         self.input_shape = tuple(input_shape)
         self.channels, self.kernels, self.strides, self.paddings = channels, kernels, strides, paddings
-        self.fc, self.loss_name, self.features = fc, loss, features
+        self.fc, self.features = fc, features
         self.dropout = float(dropout)
         self.dropout_generator: torch.Generator | None = None
         self.dropout_mask: Tensor | None = None

@@ -148,11 +148,11 @@ class VectorFieldModel(EnergyModel):
     # -- no primitive --------------------------------------------------------------
     def phi(self, x: Tensor, state: State) -> Tensor:
         raise TypeError(f"{type(self).__name__} is a vector-field model: no primitive Φ exists when B ≠ W^T; "
-                        "train it with a vector-field estimator (vf, symmetric_vf, kp_vf) or BPTT")
+                        "train it with a vector-field estimator (vf, symmetric_vf, kp_vf, c_vf) or BPTT")
 
     def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
         raise TypeError(f"{type(self).__name__} has no ∂Φ/∂θ (no primitive Φ); the EP estimators do not apply, "
-                        "use vector_field_grads (estimators vf, symmetric_vf, kp_vf)")
+                        "use vector_field_grads (estimators vf, symmetric_vf, kp_vf, c_vf)")
 
     def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
         return self.param_grads(clamped, second)
