@@ -24,9 +24,11 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The data root holding mnist/ and cifar10/ (../shared/data)."""
+    """The data root holding mnist/ and cifar10/: ../shared/data (or $EQPROP_SHARED/data)."""
+    for dataset in ("mnist", "cifar10"):
+        shared_path("data", dataset)
     return shared_path("data")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,32 +19,19 @@ TRAIN_STD = (0.2470, 0.2435, 0.2616)
 
 
 @pytest.fixture(scope="module")
-def shared_data() -> Path:
-    """The real datasets: ../shared/data from the repository root, or $EQPROP_TEST_DATA."""
-    override = os.environ.get("EQPROP_TEST_DATA")
-    root = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (root / "cifar10").is_dir():
-        message = f"real test data not found in {root}/cifar10 (set EQPROP_TEST_DATA to the data folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
+def cifar_train(data_root: Path) -> ArrayDataset:
+    return load_dataset("cifar10", "train", data_root)
 
 
 @pytest.fixture(scope="module")
-def cifar_train(shared_data: Path) -> ArrayDataset:
-    return load_dataset("cifar10", "train", shared_data)
+def cifar_test(data_root: Path) -> ArrayDataset:
+    return load_dataset("cifar10", "test", data_root)
 
 
 @pytest.fixture(scope="module")
-def cifar_test(shared_data: Path) -> ArrayDataset:
-    return load_dataset("cifar10", "test", shared_data)
-
-
-@pytest.fixture(scope="module")
-def test_batch_content(shared_data: Path) -> bytes:
+def test_batch_content(data_root: Path) -> bytes:
     """Decompressed bytes of the real test_batch.bin."""
-    return gzip.decompress((shared_data / "cifar10" / "test_batch.bin.gz").read_bytes())
+    return gzip.decompress((data_root / "cifar10" / "test_batch.bin.gz").read_bytes())
 
 
 def pixel_mean_std(pixels: torch.Tensor) -> tuple[float, float]:
@@ -133,8 +119,8 @@ def test_damaged_file_is_reported(
     assert expected in message
 
 
-def test_truncated_gzip_is_reported(tmp_path: Path, shared_data: Path) -> None:
-    compressed = (shared_data / "cifar10" / "test_batch.bin.gz").read_bytes()
+def test_truncated_gzip_is_reported(tmp_path: Path, data_root: Path) -> None:
+    compressed = (data_root / "cifar10" / "test_batch.bin.gz").read_bytes()
     path = write_test_batch(tmp_path, compressed[:-1000], "test_batch.bin.gz")
     with pytest.raises(DataError) as caught:
         load_dataset("cifar10", "test", tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import tarfile
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -51,16 +50,9 @@ def web(monkeypatch: pytest.MonkeyPatch) -> FakeWeb:
 
 
 @pytest.fixture(scope="module")
-def shared_mnist() -> Path:
-    """The real MNIST files: ../shared/data/mnist from the repository root, or under $EQPROP_TEST_DATA."""
-    override = os.environ.get("EQPROP_TEST_DATA")
-    root = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (root / "mnist").is_dir():
-        message = f"real test data not found in {root}/mnist (set EQPROP_TEST_DATA to the data folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root / "mnist"
+def shared_mnist(data_root: Path) -> Path:
+    """The real MNIST files of the shared data root."""
+    return data_root / "mnist"
 
 
 @pytest.fixture

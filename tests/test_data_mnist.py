@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,26 +20,13 @@ TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope="module")
-def shared_data() -> Path:
-    """The real datasets: ../shared/data from the repository root, or $EQPROP_TEST_DATA."""
-    override = os.environ.get("EQPROP_TEST_DATA")
-    root = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (root / "mnist").is_dir():
-        message = f"real test data not found in {root}/mnist (set EQPROP_TEST_DATA to the data folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
+def mnist_train(data_root: Path) -> ArrayDataset:
+    return load_dataset("mnist", "train", data_root)
 
 
 @pytest.fixture(scope="module")
-def mnist_train(shared_data: Path) -> ArrayDataset:
-    return load_dataset("mnist", "train", shared_data)
-
-
-@pytest.fixture(scope="module")
-def mnist_test(shared_data: Path) -> ArrayDataset:
-    return load_dataset("mnist", "test", shared_data)
+def mnist_test(data_root: Path) -> ArrayDataset:
+    return load_dataset("mnist", "test", data_root)
 
 
 def pixel_mean_std(pixels: torch.Tensor) -> tuple[float, float]:
@@ -79,20 +65,20 @@ def test_training_pixel_statistics(mnist_train: ArrayDataset) -> None:
 
 
 def test_plain_files_read_like_gzip_files(
-    tmp_path: Path, shared_data: Path, mnist_test: ArrayDataset
+    tmp_path: Path, data_root: Path, mnist_test: ArrayDataset
 ) -> None:
-    folder = plain_test_copy(tmp_path, shared_data)
+    folder = plain_test_copy(tmp_path, data_root)
     assert not list(folder.glob("*.gz"))
     data = load_dataset("mnist", "test", tmp_path)
     assert data.x.equal(mnist_test.x) and data.y.equal(mnist_test.y)
 
 
-def plain_test_copy(tmp_path: Path, shared_data: Path) -> Path:
+def plain_test_copy(tmp_path: Path, data_root: Path) -> Path:
     """Decompressed copies of the two MNIST test files in tmp_path/mnist; returns that folder."""
     folder = tmp_path / "mnist"
     folder.mkdir()
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (folder / name).write_bytes(gzip.decompress((shared_data / "mnist" / f"{name}.gz").read_bytes()))
+        (folder / name).write_bytes(gzip.decompress((data_root / "mnist" / f"{name}.gz").read_bytes()))
     return folder
 
 
@@ -130,9 +116,9 @@ def set_byte(at: int, value: int) -> Callable[[bytearray], bytearray]:
     ids=["flipped-byte", "bad-magic", "wrong-count", "truncated", "too-long", "bad-label", "no-header"],
 )
 def test_damaged_file_is_reported(
-    tmp_path: Path, shared_data: Path, file: str, edit: Callable[[bytearray], bytearray], expected: str
+    tmp_path: Path, data_root: Path, file: str, edit: Callable[[bytearray], bytearray], expected: str
 ) -> None:
-    folder = plain_test_copy(tmp_path, shared_data)
+    folder = plain_test_copy(tmp_path, data_root)
     edit_bytes(folder / file, edit)
     with pytest.raises(DataError, match="MNIST file") as caught:
         load_dataset("mnist", "test", tmp_path)
@@ -142,11 +128,11 @@ def test_damaged_file_is_reported(
     assert "\n" not in message
 
 
-def test_truncated_gzip_is_reported(tmp_path: Path, shared_data: Path) -> None:
+def test_truncated_gzip_is_reported(tmp_path: Path, data_root: Path) -> None:
     folder = tmp_path / "mnist"
     folder.mkdir()
-    shutil.copy(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", folder)
-    images = (shared_data / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    shutil.copy(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz", folder)
+    images = (data_root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(images[: len(images) // 2])
     with pytest.raises(DataError) as caught:
         load_dataset("mnist", "test", tmp_path)
@@ -156,8 +142,8 @@ def test_truncated_gzip_is_reported(tmp_path: Path, shared_data: Path) -> None:
     )
 
 
-def test_missing_file_is_reported(tmp_path: Path, shared_data: Path) -> None:
-    folder = plain_test_copy(tmp_path, shared_data)
+def test_missing_file_is_reported(tmp_path: Path, data_root: Path) -> None:
+    folder = plain_test_copy(tmp_path, data_root)
     (folder / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError) as caught:
         load_dataset("mnist", "test", tmp_path)
@@ -167,9 +153,9 @@ def test_missing_file_is_reported(tmp_path: Path, shared_data: Path) -> None:
     )
 
 
-def test_plain_file_is_preferred_over_gzip(tmp_path: Path, shared_data: Path) -> None:
-    folder = plain_test_copy(tmp_path, shared_data)
-    shutil.copy(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", folder)
+def test_plain_file_is_preferred_over_gzip(tmp_path: Path, data_root: Path) -> None:
+    folder = plain_test_copy(tmp_path, data_root)
+    shutil.copy(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz", folder)
     labels = folder / "t10k-labels-idx1-ubyte"
     edit_bytes(labels, set_byte(100, (labels.read_bytes()[100] + 1) % 10))
     with pytest.raises(DataError) as caught:
@@ -188,11 +174,11 @@ def test_demo_is_the_head_of_real_mnist(mnist_train: ArrayDataset, mnist_test: A
         assert set(demo.y.tolist()) == set(range(10))
 
 
-def test_shipped_demo_file_is_small_and_reproducible(tmp_path: Path, shared_data: Path) -> None:
+def test_shipped_demo_file_is_small_and_reproducible(tmp_path: Path, data_root: Path) -> None:
     shipped = Path(__file__).resolve().parents[1] / "src" / "eqprop" / "data" / DEMO_FILE
     assert shipped.stat().st_size < 1_500_000
     rebuilt = tmp_path / "demo.npz"
-    build_demo(shared_data, rebuilt)
+    build_demo(data_root, rebuilt)
     with np.load(shipped, allow_pickle=False) as old, np.load(rebuilt, allow_pickle=False) as new:
         assert sorted(old.files) == sorted(new.files)
         for key in old.files:
