@@ -13,9 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eqprop.estimators.kp_vf  # noqa: F401  (registers kp_vf)
-import eqprop.estimators.symmetric_vf  # noqa: F401  (registers symmetric_vf)
-import eqprop.estimators.vf  # noqa: F401  (registers vf)
 from eqprop.alignment import backward_angles
 from eqprop.dynamics import run_phase
 from eqprop.estimators.base import Phases, build_estimator

@@ -24,7 +24,8 @@ from urllib.request import urlopen
 
 from eqprop.data.cifar10 import CIFAR10_DIR, CIFAR10_SHA1, decode_cifar10_batch, read_cifar10_file
 from eqprop.data.errors import DataError
-from eqprop.data.files import ContentError, atomic_write_path, gunzip
+from eqprop.atomic import atomic_write_path
+from eqprop.data.files import ContentError, gunzip
 from eqprop.data.mnist import MNIST_DIR, MNIST_FILES, decode_mnist, read_mnist_file
 
 log = logging.getLogger(__name__)

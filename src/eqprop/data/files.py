@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from eqprop.atomic import atomic_write_path
 from eqprop.data.errors import DataError
 
 T = TypeVar("T")

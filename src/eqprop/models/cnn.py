@@ -267,7 +267,7 @@ class PCNN(EnergyModel):
 
     def preactivations(self, clamped: Clamped, state: State) -> State:
         n_conv = len(self.convs)
-        mask = clamped.mask if self.training and isinstance(clamped, ConvClamped) else None
+        mask = self._mask(clamped)
         drive = clamped.drive if clamped.drive is not None else self._conv_pool(0, clamped.x)[0]
         pre: list[Tensor] = [drive]
         # conv layers 2..L: one conv + pool per layer, shared by both terms
@@ -295,25 +295,38 @@ class PCNN(EnergyModel):
 
     # -- learning ------------------------------------------------------------------
     def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
+        return self._forward_grads(clamped, state, state)
+
+    def _mask(self, clamped: Clamped) -> Tensor | None:
+        """The batch's dropout mask as the closed forms use it (None in eval mode)."""
+        return clamped.mask if self.training and isinstance(clamped, ConvClamped) else None
+
+    def _forward_indices(self, n: int, clamped: Clamped, below: Tensor) -> Tensor:
+        """Pooling indices of ``P(w_n ⋆ below)`` (the first layer's are cached by :meth:`clamp`)."""
+        if n == 0 and isinstance(clamped, ConvClamped) and clamped.indices is not None:
+            return clamped.indices
+        return self._conv_pool(n, below)[1]
+
+    def _forward_grads(self, clamped: Clamped, state: State, post: State) -> list[Tensor]:
+        """``(∂u/∂θ at state)^T · post`` for every forward weight and bias, batch mean, in
+        :meth:`phi_parameters` order: with ``post = state`` it is ``∂Φ/∂θ`` (Φ is bilinear),
+        with ``post = δ`` the vector-field rule."""
         n_conv = len(self.convs)
         inv_batch = 1.0 / clamped.x.shape[0]
-        mask = clamped.mask if self.training and isinstance(clamped, ConvClamped) else None
+        mask = self._mask(clamped)
         grads: list[Tensor] = []
         for n, conv in enumerate(self.convs):
             below = clamped.x if n == 0 else state[n - 1]
-            if n == 0 and isinstance(clamped, ConvClamped) and clamped.indices is not None:
-                indices = clamped.indices
-            else:
-                indices = self._conv_pool(n, below)[1]
-            unpooled = F.max_unpool2d(state[n], indices, 2, 2, output_size=self.conv_shapes[n][1:])
+            unpooled = F.max_unpool2d(post[n], self._forward_indices(n, clamped, below), 2, 2,
+                                      output_size=self.conv_shapes[n][1:])
             weight = torch.nn.grad.conv2d_weight(below, conv.weight.shape, unpooled, conv.stride,
                                                  conv.padding)
-            # each pooled unit routes to exactly one position: Σ unpooled = Σ s^n
-            grads += [weight.mul_(inv_batch), state[n].sum(dim=(0, 2, 3)).mul_(inv_batch)]
-        for m, layer in enumerate(self.fcs):
+            # each pooled unit routes to exactly one position: Σ unpooled = Σ post^n
+            grads += [weight.mul_(inv_batch), post[n].sum(dim=(0, 2, 3)).mul_(inv_batch)]
+        for m in range(len(self.fcs)):
             n = n_conv + m
             below = state[n - 1].flatten(1)
             if m == 0 and mask is not None:
                 below = below * mask
-            grads += [torch.mm(state[n].t(), below).mul_(inv_batch), state[n].mean(dim=0)]
+            grads += [torch.mm(post[n].t(), below).mul_(inv_batch), post[n].mean(dim=0)]
         return grads

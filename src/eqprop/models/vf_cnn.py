@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Clamped, State
-from .cnn import PCNN, ConvClamped
+from .cnn import PCNN
 from .vf import VectorFieldModel, check_backward_options
 
 
@@ -64,9 +64,6 @@ class VFCNN(VectorFieldModel, PCNN):
                                   output_size=self.conv_shapes[n][1:])
         return F.conv_transpose2d(unpooled, b, None, conv.stride, conv.padding, self.output_paddings[n])
 
-    def _mask(self, clamped: Clamped) -> Tensor | None:
-        return clamped.mask if self.training and isinstance(clamped, ConvClamped) else None
-
     # -- dynamics ------------------------------------------------------------------
     def preactivations(self, clamped: Clamped, state: State) -> State:
         n_conv = len(self.convs)
@@ -104,22 +101,7 @@ class VFCNN(VectorFieldModel, PCNN):
         inv_batch = 1.0 / clamped.x.shape[0]
         mask = self._mask(clamped)
         weight_grad = torch.nn.grad.conv2d_weight
-        grads: list[Tensor] = []
-        for n, conv in enumerate(self.convs):
-            below = clamped.x if n == 0 else state[n - 1]
-            if n == 0 and isinstance(clamped, ConvClamped) and clamped.indices is not None:
-                indices = clamped.indices
-            else:
-                indices = self._conv_pool(n, below)[1]
-            unpooled = F.max_unpool2d(delta[n], indices, 2, 2, output_size=self.conv_shapes[n][1:])
-            grads += [weight_grad(below, conv.weight.shape, unpooled, conv.stride, conv.padding).mul_(inv_batch),
-                      delta[n].sum(dim=(0, 2, 3)).mul_(inv_batch)]
-        for m in range(len(self.fcs)):
-            n = n_conv + m
-            below = state[n - 1].flatten(1)
-            if m == 0 and mask is not None:
-                below = below * mask
-            grads += [torch.mm(delta[n].t(), below).mul_(inv_batch), delta[n].mean(dim=0)]
+        grads = self._forward_grads(clamped, state, delta)
         for n in range(1, n_conv):
             conv = self.convs[n]
             unpooled = F.max_unpool2d(state[n], self._backward_indices(n, state[n - 1]), 2, 2,
