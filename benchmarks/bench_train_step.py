@@ -81,7 +81,7 @@ def main() -> None:
     names = args.presets or [n for n in preset_names() if load_preset(n)["model"].get("kind", "mlp") == "mlp"]
     results = []
     print(f"device {device}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{'preset':<18}{'estimator':<13}{'batch':>6}{'ms/step':>10}{'samples/s':>11}{'BPTT ms/step':>14}{'BPTT samples/s':>16}")
+    print(f"{'preset':<20}{'estimator':<13}{'batch':>6}{'ms/step':>10}{'samples/s':>11}{'BPTT ms/step':>14}{'BPTT samples/s':>16}")
     for name in names:
         config = validate_config(load_preset(name))
         steps = args.steps if config.model.kind == "mlp" else max(1, args.steps // 20)
@@ -94,7 +94,7 @@ def main() -> None:
                "bptt_seconds_per_step": bptt, "bptt_samples_per_second": batch / bptt,
                "epoch_seconds_60k_estimate": math.ceil(60000 / batch) * ep}
         results.append(row)
-        print(f"{name:<18}{config.estimator.name:<13}{batch:>6}{1e3 * ep:>10.2f}{batch / ep:>11.0f}"
+        print(f"{name:<20}{config.estimator.name:<13}{batch:>6}{1e3 * ep:>10.2f}{batch / ep:>11.0f}"
               f"{1e3 * bptt:>14.2f}{batch / bptt:>16.0f}")
     if args.json:
         meta = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
