@@ -113,3 +113,43 @@ def test_entry_point_prints_no_traceback(tmp_path):
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "dynamics.t1" in result.stderr
+
+
+def test_interrupted_run_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    import eqprop.training.trainer as trainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupt)
+    status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *FAST)
+    assert status == 130 and "nothing was saved" in err
+
+
+def test_sigint_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    from eqprop.training import load_checkpoint, train
+
+    out = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "eqprop", "train", "--out", str(out), "--epochs", "50", *FAST]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    epochs = load_checkpoint(out / "checkpoint.pt")["epoch"] + 1
+    resumed = subprocess.run([sys.executable, "-m", "eqprop", "train", "--resume", str(out), "--epochs",
+                              str(epochs), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    config = validate_config(load_checkpoint(out / "checkpoint.pt")["config"])
+    train(config, tmp_path / "straight", log=lambda _: None)
+    a = load_checkpoint(out / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -138,8 +138,11 @@ def command_train(args: argparse.Namespace) -> int:
                         resume=args.resume is not None,
                         show_progress=not args.no_progress and sys.stderr.isatty())
     except KeyboardInterrupt:
-        print(f"eqprop: interrupted; the last completed epoch is saved: continue with "
-              f"'eqprop train --resume {out_dir}'", file=sys.stderr)
+        if (out_dir / CHECKPOINT).exists():
+            print(f"eqprop: interrupted; the last completed epoch is saved: continue with "
+                  f"'eqprop train --resume {out_dir}'", file=sys.stderr)
+        else:
+            print("eqprop: interrupted before the first epoch ended; nothing was saved", file=sys.stderr)
         return 130
     if records:
         last = records[-1]
@@ -167,7 +170,6 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_gdu(args: argparse.Namespace) -> int:
     from .gdu import gdu_command
-
     from .training.trainer import checkpoint_config
 
     base = None

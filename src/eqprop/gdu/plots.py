@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..atomic import atomic_write_path  # noqa: E402
+from ..atomic import atomic_write_path
 
 #: how each trace is drawn: (label, style kwargs)
 STYLES = {
@@ -31,8 +28,8 @@ def plot_traces(path: Path, picks: list[dict], k: int, beta: float) -> None:
     """
     kinds = [kind for kind in ("synapse", "neuron") if any(p["kind"] == kind for p in picks)]
     columns = max((sum(p["kind"] == kind for p in picks) for kind in kinds), default=1)
-    fig, axes = plt.subplots(2 * len(kinds), columns, figsize=(3.4 * columns, 2.6 * 2 * len(kinds)),
-                             squeeze=False)
+    fig = Figure(figsize=(3.4 * columns, 2.6 * 2 * len(kinds)))
+    axes = fig.subplots(2 * len(kinds), columns, squeeze=False)
     t = np.arange(1, k + 1)
     for row, kind in enumerate(kinds):
         chosen = [p for p in picks if p["kind"] == kind]
@@ -61,14 +58,14 @@ def plot_traces(path: Path, picks: list[dict], k: int, beta: float) -> None:
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     with atomic_write_path(path) as temporary:
         fig.savefig(temporary, dpi=110, format="png")
-    plt.close(fig)
 
 
 def plot_rmse(path: Path, results: dict[str, dict]) -> None:
     """Grouped bars: RMSE (mean ± std over units) per layer, one bar per estimator, log scale."""
     names = list(results)
     layers = list(next(iter(results.values()))["layers"]) if names else []
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) * max(1, len(names)) / 2 + 2), 3.8))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(layers) * max(1, len(names)) / 2 + 2), 3.8))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(names))
     x = np.arange(len(layers))
     for i, name in enumerate(names):
@@ -87,4 +84,3 @@ def plot_rmse(path: Path, results: dict[str, dict]) -> None:
     fig.tight_layout()
     with atomic_write_path(path) as temporary:
         fig.savefig(temporary, dpi=110, format="png")
-    plt.close(fig)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # imported with the module: a Ctrl-C never lands inside it
+
 from ..atomic import atomic_write_path, atomic_write_text
 
 
@@ -38,24 +40,22 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 def plot_curves(out_dir: Path, records: list[dict[str, Any]], title: str) -> None:
     """``curves.png``: train and test error (%) per epoch; ``angles.png``: the W–B^T angle
     per layer when the metrics have ``angle/...`` entries (vector-field models)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(epochs, [100 * r["train_error"] for r in records], "o-", label="train")
     ax.plot(epochs, [100 * r["test_error"] for r in records], "s-", label="test")
-    _finish(plt, fig, ax, out_dir / "curves.png", title, "error (%)")
+    _finish(fig, ax, out_dir / "curves.png", title, "error (%)")
     angle_keys = sorted(k for k in records[-1] if k.startswith("angle/"))
     if angle_keys:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for key in angle_keys:
             ax.plot(epochs, [r.get(key, float("nan")) for r in records], "o-", label=key.removeprefix("angle/"))
-        _finish(plt, fig, ax, out_dir / "angles.png", f"{title}: angle between W and B^T", "angle (degrees)")
+        _finish(fig, ax, out_dir / "angles.png", f"{title}: angle between W and B^T", "angle (degrees)")
 
 
-def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
+def _finish(fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
     """Label, then write the figure atomically."""
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -63,8 +63,5 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, ylabel: str) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_write_path(path) as temporary:
-            fig.savefig(temporary, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_write_path(path) as temporary:
+        fig.savefig(temporary, dpi=100, format="png")
