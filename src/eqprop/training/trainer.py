@@ -205,6 +205,8 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
     """Test loss and error of the model saved in a checkpoint."""
     checkpoint = load_checkpoint(path)
     config = checkpoint_config(path)
+    if data_dir is None:
+        data_dir = checkpoint.get("data_dir")  # the data the run was trained on
     updates: dict[str, Any] = {}
     if device is not None:
         updates["device"] = device
