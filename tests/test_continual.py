@@ -427,7 +427,7 @@ def test_telescoped_first_layer_with_other_activations_and_rates(kind, activatio
 
 @pytest.mark.parametrize("kind, loss", [("c_ep", "mse"), ("c_vf", "ce")])
 def test_telescoped_first_layer_clamps_once_and_ends_with_the_refreshed_drive(kind, loss):
-    from eqprop.estimators.continual import clamped_with_drive, first_layer_telescopes, model_vector_field_grads
+    from eqprop.estimators.continual import first_layer_telescopes, model_vector_field_grads
     model, x, target = fc_model(kind, loss)
     reference = copy.deepcopy(model)
     rule = "ep" if kind == "c_ep" else "vf"
@@ -454,9 +454,9 @@ def test_telescoped_first_layer_clamps_once_and_ends_with_the_refreshed_drive(ki
     for a, b in zip(fast.clamped.offsets, slow.clamped.offsets):
         assert a.shape == b.shape
     assert fast.clamped.transposed == slow.clamped.transposed == [False, True, True][:len(free)]
-    # clamped_with_drive rebuilds model.clamp exactly from the drive
+    # clamped_from_drive rebuilds model.clamp exactly from the drive
     fresh = clamp(x)
-    rebuilt = clamped_with_drive(model, x, fresh.drive, fresh.transposed)
+    rebuilt = model.clamped_from_drive(x, fresh.drive, fresh.transposed)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.offsets, fresh.offsets))
     # record, or another vector-field rule, take the generic path (which re-clamps)
     with torch.no_grad():

@@ -184,15 +184,6 @@ def first_layer_telescopes(model: EnergyModel, clamped: Clamped) -> bool:
             and type(model).clamp is PMLP.clamp and getattr(model, "refresh_clamped", None) is None)
 
 
-def clamped_with_drive(model: PMLP, x: Tensor, drive: Tensor, transposed: list[bool]) -> MLPClamped:
-    """``model.clamp(x)`` given its first-layer drive ``W_1 x + b_1`` (the other offsets from the current biases)."""
-    k, c = model.activation.scale, model.activation.shift
-    constants = [drive] + [layer.bias for layer in model.layers[1:]]
-    offsets = constants if (k, c) == (1.0, 0.0) else [(v - c) * k for v in constants]
-    offsets = [o.unsqueeze(1) if t else o for o, t in zip(offsets, transposed)]
-    return MLPClamped(x, drive, offsets, transposed)
-
-
 def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta: float, target: Tensor,
                            steps: int, lrs: list[float], rule: Rule) -> ContinualResult:
     """:func:`continual_nudged_phase` for a fully connected model, its first layer telescoped.
@@ -246,7 +237,7 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
                 p.add_(u, alpha=lr * inv_beta)
         if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
             drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, nxt[0] - start)
-            clamped = clamped_with_drive(model, x, drive, clamped.transposed)
+            clamped = model.clamped_from_drive(x, drive, clamped.transposed)
         state = nxt
     change = state[0] - start   # the first layer's whole-phase update, telescoped
     total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)

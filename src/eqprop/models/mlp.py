@@ -82,11 +82,15 @@ class PMLP(EnergyModel):
     def clamp(self, x: Tensor) -> MLPClamped:
         x = x.flatten(1)
         first = self.layers[0]
-        drive = torch.addmm(first.bias, x, first.weight.t())
+        transposed = [n > 0 and layer.out_features < x.shape[0] for n, layer in enumerate(self.layers)]
+        return self.clamped_from_drive(x, torch.addmm(first.bias, x, first.weight.t()), transposed)
+
+    def clamped_from_drive(self, x: Tensor, drive: Tensor, transposed: list[bool]) -> MLPClamped:
+        """The :class:`MLPClamped` of ``x`` given its first-layer drive ``W_1 x + b_1`` (the other
+        offsets from the current biases): continual EP updates the drive without a matmul."""
         k, c = self.activation.scale, self.activation.shift
         constants = [drive] + [layer.bias for layer in self.layers[1:]]
         offsets = constants if (k, c) == (1.0, 0.0) else [(t - c) * k for t in constants]
-        transposed = [n > 0 and layer.out_features < x.shape[0] for n, layer in enumerate(self.layers)]
         offsets = [o.unsqueeze(1) if t else o for o, t in zip(offsets, transposed)]
         return MLPClamped(x, drive, offsets, transposed)
 
