@@ -32,10 +32,15 @@ class MLPClamped(Clamped):
 
     offsets: list[Tensor] = field(default_factory=list)
     transposed: list[bool] = field(default_factory=list)
+    #: the weights the step reads (``W_n``, and the top-down matrix of each layer but the last),
+    #: looked up once per batch rather than through the modules at every step
+    weights: list[Tensor] = field(default_factory=list)
+    top_down: list[Tensor] = field(default_factory=list)
 
     def repeat_batch(self, times: int) -> "MLPClamped":
         offsets = [self.offsets[0].repeat(times, 1)] + self.offsets[1:]
-        return MLPClamped(self.x.repeat(times, 1), self.drive.repeat(times, 1), offsets, self.transposed)
+        return MLPClamped(self.x.repeat(times, 1), self.drive.repeat(times, 1), offsets, self.transposed,
+                          self.weights, self.top_down)
 
 
 class PMLP(EnergyModel):
@@ -92,24 +97,27 @@ class PMLP(EnergyModel):
         constants = [drive] + [layer.bias for layer in self.layers[1:]]
         offsets = constants if (k, c) == (1.0, 0.0) else [(t - c) * k for t in constants]
         offsets = [o.unsqueeze(1) if t else o for o, t in zip(offsets, transposed)]
-        return MLPClamped(x, drive, offsets, transposed)
+        weights = [layer.weight for layer in self.layers]
+        top_down = [self._top_down_weight(n) for n in range(1, len(self.layers))]
+        return MLPClamped(x, drive, offsets, transposed, weights, top_down)
 
     def step(self, clamped: MLPClamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
         """The base class's step with σ's scale and shift folded into the matmuls:
         one ``addmm`` per weight and one elementwise call per layer."""
         k, core = self.activation.scale, self.activation.core
-        layers, last = self.layers, len(state) - 1
+        weights, top_down, transposed = clamped.weights, clamped.top_down, clamped.transposed
+        last = len(state) - 1
         new = []
         for n, offset in enumerate(clamped.offsets):
             if n == 0:
                 u = offset
-            elif clamped.transposed[n]:
-                u = torch.addmm(offset, layers[n].weight, state[n - 1].t(), alpha=k).t()
+            elif transposed[n]:
+                u = torch.addmm(offset, weights[n], state[n - 1].t(), alpha=k).t()
             else:
-                u = torch.addmm(offset, state[n - 1], layers[n].weight.t(), alpha=k)
+                u = torch.addmm(offset, state[n - 1], weights[n].t(), alpha=k)
             if n < last:
-                u = torch.addmm(u, state[n + 1], self._top_down_weight(n + 1), alpha=k)
+                u = torch.addmm(u, state[n + 1], top_down[n], alpha=k)
             new.append(u)
         if is_free(beta):
             return [core(u) for u in new]
