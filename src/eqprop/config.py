@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class NetworkOptions(Strict):
@@ -181,7 +181,7 @@ class TrainConfig(Strict):
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 20
     test_batch_size: PositiveInt = 1000
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**62)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = Field(1, description="CPU threads for torch (None: torch's default)")
     dtype: Literal["float32", "float64"] = "float32"
