@@ -26,7 +26,7 @@ Each conv + pool (with indices) is computed once per step and serves both
 terms. The first layer's drive ``P(w_1 ⋆ x + b_1)`` and its pooling indices are
 constant while x is clamped: :meth:`PCNN.clamp` computes them once per batch.
 ``model.to(memory_format=torch.channels_last)`` makes the states channels-last
-too (:meth:`PCNN.memory_format`): about 2x faster on CPU, where NCHW max-pooling
+too (:meth:`PCNN.memory_format`): faster on CPU (1.4-1.5x per step in bench_cnn_step.py --small), where NCHW max-pooling
 is slow.
 
 Dropout (Laborieux 2021 §4.1, a mask per mini-batch held through the free and
@@ -201,7 +201,7 @@ class PCNN(EnergyModel):
         """``torch.channels_last`` if the conv weights are (``model.to(memory_format=...)``), else NCHW.
 
         The conv states are created in that layout so that every conv, pool and
-        transposed conv of a step runs in it (channels-last is about 2x faster on CPU).
+        transposed conv of a step runs in it (channels-last is faster on CPU).
         """
         for conv in self.convs:
             w = conv.weight
@@ -265,31 +265,40 @@ class PCNN(EnergyModel):
         return F.conv_transpose2d(unpooled, conv.weight, None, conv.stride, conv.padding,
                                   self.output_paddings[n])
 
+    def _conv_terms(self, n: int, below: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """Conv layer n's forward term ``P(w_n ⋆ below)`` and the top-down term it sends to
+        ``below``: the transposed conv of ``upper`` unpooled with the same pooling (n from 0)."""
+        forward, indices = self._conv_pool(n, below)
+        return forward, self._conv_back(n, upper, indices)
+
+    def _fc_top_down_weight(self, m: int) -> Tensor:
+        """The ``[out, in]`` matrix carrying fc layer m's state down (``state @ it``): W itself
+        here; vector-field models return their own B^T."""
+        return self.fcs[m].weight
+
     def preactivations(self, clamped: Clamped, state: State) -> State:
         n_conv = len(self.convs)
         mask = self._mask(clamped)
         drive = clamped.drive if clamped.drive is not None else self._conv_pool(0, clamped.x)[0]
         pre: list[Tensor] = [drive]
-        # conv layers 2..L: one conv + pool per layer, shared by both terms
+        # conv layers 2..L: each step's conv + pool computed once, for both terms
         for n in range(1, n_conv):
-            forward, indices = self._conv_pool(n, state[n - 1])
-            pre[n - 1] = pre[n - 1] + self._conv_back(n, state[n], indices)
+            forward, top_down = self._conv_terms(n, state[n - 1], state[n])
+            pre[n - 1] = pre[n - 1] + top_down
             pre.append(forward)
         # fully connected layers
         for m, layer in enumerate(self.fcs):
             n = n_conv + m
-            below = state[n - 1]
+            below, down = state[n - 1], self._fc_top_down_weight(m)
             if m == 0:
                 flat = below.flatten(1)
+                back = torch.mm(state[n], down)
                 if mask is not None:
-                    flat = flat * mask
-                back = torch.mm(state[n], layer.weight)
-                if mask is not None:
-                    back = back * mask
+                    flat, back = flat * mask, back * mask
                 pre[n - 1] = pre[n - 1] + back.view_as(below)
                 pre.append(torch.addmm(layer.bias, flat, layer.weight.t()))
             else:
-                pre[n - 1] = torch.addmm(pre[n - 1], state[n], layer.weight)
+                pre[n - 1] = torch.addmm(pre[n - 1], state[n], down)
                 pre.append(torch.addmm(layer.bias, below, layer.weight.t()))
         return pre
 

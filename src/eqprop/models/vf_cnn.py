@@ -64,30 +64,12 @@ class VFCNN(VectorFieldModel, PCNN):
                                   output_size=self.conv_shapes[n][1:])
         return F.conv_transpose2d(unpooled, b, None, conv.stride, conv.padding, self.output_paddings[n])
 
-    # -- dynamics ------------------------------------------------------------------
-    def preactivations(self, clamped: Clamped, state: State) -> State:
-        n_conv = len(self.convs)
-        mask = self._mask(clamped)
-        drive = clamped.drive if clamped.drive is not None else self._conv_pool(0, clamped.x)[0]
-        pre: list[Tensor] = [drive]
-        for n in range(1, n_conv):
-            below = state[n - 1]
-            pre[n - 1] = pre[n - 1] + self._vf_back(n, below, state[n])
-            pre.append(F.max_pool2d(self.convs[n](below), 2, 2))
-        for m, layer in enumerate(self.fcs):
-            n = n_conv + m
-            below, b = state[n - 1], self.backward["fcs"][str(m)]
-            if m == 0:
-                flat = below.flatten(1)
-                back = torch.mm(state[n], b.t())
-                if mask is not None:
-                    flat, back = flat * mask, back * mask
-                pre[n - 1] = pre[n - 1] + back.view_as(below)
-                pre.append(torch.addmm(layer.bias, flat, layer.weight.t()))
-            else:
-                pre[n - 1] = torch.addmm(pre[n - 1], state[n], b.t())
-                pre.append(torch.addmm(layer.bias, below, layer.weight.t()))
-        return pre
+    # -- dynamics (PCNN.preactivations with B in the top-down terms) ---------------
+    def _conv_terms(self, n: int, below: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        return F.max_pool2d(self.convs[n](below), 2, 2), self._vf_back(n, below, upper)
+
+    def _fc_top_down_weight(self, m: int) -> Tensor:
+        return self.backward["fcs"][str(m)].t()
 
     # -- learning ------------------------------------------------------------------
     def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
