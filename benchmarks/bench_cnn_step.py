@@ -27,7 +27,11 @@ conv layer n on the batch (C_out·H_conv·W_conv·C_in·k², before pooling):
   3·F·classes for the loss and its gradients.
 
 Usage: ``PYTHONPATH=src python benchmarks/bench_cnn_step.py [--device cuda] [--json out.json]``;
-``--small`` for a quick CPU check with reduced channels, batch and T.
+``--small`` for a quick CPU check with reduced channels, batch and T. On CUDA,
+``--tf32 off`` times full float32 (the library's default is TF32 on), ``--bf16``
+runs the steps under bfloat16 autocast, ``--cuda-graphs`` replays the phases
+as CUDA graphs (:class:`eqprop.cuda_graphs.PhaseGraphs`; BPTT's recorded steps
+stay eager).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eqprop.cuda_graphs import PhaseGraphs
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models.cnn import PCNN
 
@@ -111,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="channels 16-32-64-64, batch 16, T1 20, T2 5 (unless given)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="channels-last weights and states (auto: on for CPU, where NCHW pooling is slow)")
+    parser.add_argument("--tf32", choices=["on", "off"], default="on", help="CUDA: TF32 matmuls and convolutions")
+    parser.add_argument("--bf16", action="store_true", help="run the steps under bfloat16 autocast")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the phases as CUDA graphs")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     t2 = args.t2 or preset["t2"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -137,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     counts = count_macs(model, batch)
     results = {
         "config": dict(channels=preset["channels"], batch=batch, t1=t1, t2=t2, beta=args.beta,
-                       dtype="float32", device=str(device), threads=torch.get_num_threads(),
+                       dtype="bf16-autocast" if args.bf16 else "float32",
+                       tf32=args.tf32 == "on" and device.type == "cuda", cuda_graphs=args.cuda_graphs,
+                       device=str(device), threads=torch.get_num_threads(),
                        channels_last=channels_last,
                        torch=torch.__version__, machine=platform.processor() or platform.machine(),
                        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
@@ -149,9 +160,16 @@ def main(argv: list[str] | None = None) -> dict:
         "bptt": (build_estimator("bptt", Phases(t1, t2, args.beta)), flops_bptt(counts, t1, t2), t1),
     }
     print(f"P-CNN {'-'.join(map(str, preset['channels']))}, batch {batch}, T1={t1}, T2={t2}, "
-          f"device {device}, threads {torch.get_num_threads()}, channels_last {channels_last}")
+          f"device {device}, threads {torch.get_num_threads()}, channels_last {channels_last}, "
+          f"tf32 {results['config']['tf32']}, bf16 {args.bf16}, cuda graphs {args.cuda_graphs}")
     for name, (estimator, flops, steps) in runs.items():
-        times = timed(lambda: estimator.fill_grads(model, x, target), device, args.repeats)
+        if args.cuda_graphs:
+            estimator.run_phase = PhaseGraphs()
+
+        def step() -> None:
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                estimator.fill_grads(model, x, target)
+        times = timed(step, device, args.repeats)
         best, median = min(times), statistics.median(times)
         results[name] = dict(times_s=times, median_s=median, min_s=best, flops=flops,
                              flops_per_s=flops / median, dynamics_steps=steps,

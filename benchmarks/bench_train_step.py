@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
+from eqprop.cuda_graphs import PhaseGraphs
 from eqprop.presets import load_preset, preset_names
 
 
 def time_steps(config: RunConfig, estimator_name: str, device: torch.device, steps: int, warmup: int,
-               compile_phases: bool = False) -> float:
+               compile_phases: bool = False, cuda_graphs: bool = False) -> float:
     """Seconds per training step of ``config`` with the estimator ``estimator_name``."""
     config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name})})
     dtype = build.DTYPES[config.train.dtype]
@@ -33,6 +34,8 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
     if compile_phases:
         estimator.compile()
+    if cuda_graphs:
+        estimator.run_phase = PhaseGraphs()
     optimizer = build.build_optimizer(config.optim, model)
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)
@@ -74,6 +77,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the EP estimator's phases "
                                                                 "(timed after the warm-up, which compiles)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay every phase as a CUDA graph "
+                                                                    "(BPTT's recorded steps stay eager)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,10 +90,11 @@ def main() -> None:
     for name in names:
         config = validate_config(load_preset(name))
         steps = args.steps if config.model.kind == "mlp" else max(1, args.steps // 20)
-        ep = time_steps(config, config.estimator.name, device, steps, args.warmup, args.compile)
-        bptt = time_steps(config, "bptt", device, steps, args.warmup)
+        ep = time_steps(config, config.estimator.name, device, steps, args.warmup, args.compile, args.cuda_graphs)
+        bptt = time_steps(config, "bptt", device, steps, args.warmup, cuda_graphs=args.cuda_graphs)
         batch = config.train.batch_size
-        row = {"preset": name, "estimator": config.estimator.name, "compiled": args.compile, "batch_size": batch,
+        row = {"preset": name, "estimator": config.estimator.name, "compiled": args.compile,
+               "cuda_graphs": args.cuda_graphs, "batch_size": batch,
                "t1": config.dynamics.t1, "t2": config.dynamics.t2,
                "ep_seconds_per_step": ep, "ep_samples_per_second": batch / ep,
                "bptt_seconds_per_step": bptt, "bptt_samples_per_second": batch / bptt,

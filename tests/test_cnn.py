@@ -144,6 +144,10 @@ def test_channels_last_gives_the_same_results(loss):
     phases = Phases(15, 4, 0.1)
     est = build_estimator("symmetric", phases)
     assert_close_lists(est.estimate(fast, x, target).direction, est.estimate(model, x, target).direction)
+    # gradients keep the parameters' layout: a fused optimizer on CUDA refuses mixed strides
+    est.fill_grads(fast, x, target)
+    assert all(p.grad.stride() == p.stride() for p in fast.parameters())
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in fast.parameters())
 
 
 def test_state_shapes_and_structure():

@@ -484,3 +484,55 @@ def test_only_fully_connected_models_telescope():
 
     other = ClampedDifferently([12, 10, 4], generator=torch.Generator().manual_seed(0)).double()
     assert not first_layer_telescopes(other, other.clamp(x))
+
+
+def authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, beta, t1, t2, lr_out, lr_hidden):
+    """One C-VF batch of the authors' discrete VF network (ernoult/continualEP, ``VFdisc``: ``stepper``,
+    ``computeGradients``, ``updateWeights``) written out for one hidden layer, the output layer first
+    as there: s0 output, s1 hidden. The nudge is added after σ, the division is by the signed β, and
+    B (their ``w[1]``) uses the output layer's rate (``lr_tab[floor(i/2)]``). Their code leaves the
+    hidden bias b1 (the bias of ``w[-1]``) unchanged; it is updated here, as SPEC §4 says."""
+    rho = lambda u: torch.sigmoid(4 * (u - 0.5))  # noqa: E731
+    s0, s1 = x.new_zeros(x.shape[0], W2.shape[0]), x.new_zeros(x.shape[0], W1.shape[0])
+    step = lambda s0, s1, beta: (rho(s1 @ W2.t() + b2) + beta * (y - s0),  # noqa: E731
+                                 rho(x @ W1.t() + b1 + s0 @ B2.t()))
+    for _ in range(t1):
+        s0, s1 = step(s0, s1, 0.0)
+    for _ in range(t2):
+        n0, n1 = step(s0, s1, beta)
+        c = 1 / (beta * x.shape[0])
+        gW2, gb2, gB2 = c * (n0 - s0).t() @ s1, c * (n0 - s0).sum(0), c * (n1 - s1).t() @ s0
+        gW1, gb1 = c * (n1 - s1).t() @ x, c * (n1 - s1).sum(0)
+        W2 += lr_out * gW2
+        b2 += lr_out * gb2
+        B2 += lr_out * gB2
+        W1 += lr_hidden * gW1
+        b1 += lr_hidden * gb1
+        s0, s1 = n0, n1
+
+
+@pytest.mark.parametrize("telescope", [True, False])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_c_vf_follows_the_authors_discrete_vf_code(telescope, sign):
+    """The cvf-1h convention (nudge after σ, signed β, B at W_2's rate) against the authors' code."""
+    from eqprop.models.vf import VFMLP
+    g = torch.Generator().manual_seed(4)
+    model = VFMLP([9, 7, 4], nudge_inside=False, generator=g, backward_init="flipped",
+                  backward_angle=40.0).double()
+    x = torch.rand(5, 9, generator=g, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 4, (5,), generator=g), 4).double()
+    lrs, phases = [0.3, 0.2], Phases(30, 6, 0.2)
+    with torch.no_grad():
+        W1, b1, W2, b2 = (p.detach().clone() for p in (model.layers[0].weight, model.layers[0].bias,
+                                                        model.layers[1].weight, model.layers[1].bias))
+        B2 = model.backward["layers"]["1"].detach().clone()
+        authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, sign * phases.beta, phases.t1, phases.t2,
+                                  lr_out=lrs[1], lr_hidden=lrs[0])
+    estimator = ContinualVF(phases)
+    estimator.telescope_first_layer = telescope
+    estimator.beta = lambda: sign * phases.beta
+    estimator.train_step(model, x, y, sgd(model, lrs))
+    ours = [model.layers[0].weight, model.layers[0].bias, model.layers[1].weight, model.layers[1].bias,
+            model.backward["layers"]["1"]]
+    for p, q in zip(ours, (W1, b1, W2, b2, B2)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)

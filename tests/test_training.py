@@ -10,7 +10,7 @@ from eqprop.estimators import SymmetricEP
 from eqprop.config import ConfigError, validate_config
 from eqprop.presets import load_preset
 from eqprop.training import CheckpointError, DivergenceError, load_checkpoint, train
-from eqprop.training.trainer import CHECKPOINT
+from eqprop.training.trainer import BEST_CHECKPOINT, CHECKPOINT
 
 
 def small_config(**changes):
@@ -40,6 +40,8 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert validate_config(__import__("yaml").safe_load((tmp_path / "config.yaml").read_text())) == config
     assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 3
+    errors = [r["test_error"] for r in records]
+    assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["epoch"] == 1 + errors.index(min(errors))
 
 
 @pytest.mark.parametrize("estimator", ["random_sign", "symmetric"])

@@ -189,6 +189,9 @@ class TrainConfig(Strict):
     channels_last: bool = Field(False, description="conv models: keep weights and states channels-last (NHWC)")
     compile: bool = Field(False, description="torch.compile the estimator's phases (one-time compile cost "
                                              "of tens of seconds; then fewer, fused kernels per step)")
+    cuda_graphs: bool = Field(True, description="CUDA only: capture each phase once as a CUDA graph and "
+                                                "replay it (one launch per phase instead of one per kernel; "
+                                                "not combined with compile)")
     bf16_autocast: bool = Field(False, description="run the phases under bfloat16 autocast (faster on GPUs; "
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(

@@ -5,10 +5,15 @@ synchronisation happens inside the loop.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from .models.base import Clamped, EnergyModel, State
+
+#: the signature of :func:`run_phase`, which :class:`~eqprop.cuda_graphs.PhaseGraphs` shares
+PhaseRunner = Callable[..., State]
 
 
 def run_phase(model: EnergyModel, clamped: Clamped, state: State, steps: int,

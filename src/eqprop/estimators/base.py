@@ -15,7 +15,7 @@ from typing import Callable, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from ..dynamics import run_phase
+from ..dynamics import PhaseRunner, run_phase
 from ..models.base import Clamped, EnergyModel, State
 
 
@@ -54,6 +54,9 @@ class Estimator(ABC):
     def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
         self.phases = phases
         self.generator = generator
+        #: runs the phases without autograd: :func:`~eqprop.dynamics.run_phase`, or a
+        #: :class:`~eqprop.cuda_graphs.PhaseGraphs` that replays them as CUDA graphs
+        self.run_phase: PhaseRunner = run_phase
 
     @abstractmethod
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
@@ -68,11 +71,12 @@ class Estimator(ABC):
         """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter."""
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
-            if p.grad is None or p.grad.shape != d.shape:
-                p.grad = d.neg().to(p.dtype)  # .to: a no-op unless the phases ran under autocast
-            elif p.grad.dtype == d.dtype:
+            if p.grad is None or p.grad.shape != p.shape:
+                # the parameter's dtype and memory format (channels-last): fused optimizers need both
+                p.grad = torch.empty_like(p)
+            if p.grad.dtype == d.dtype and p.grad.stride() == d.stride():
                 torch.neg(d, out=p.grad)  # reuse the buffer: no fresh allocation per batch
-            else:
+            else:  # phases run under autocast, or a gradient computed in another memory format
                 p.grad.copy_(d).neg_()
         return result
 
@@ -90,12 +94,12 @@ class Estimator(ABC):
     # -- the phases shared by the EP estimators --------------------------------
     def free_phase(self, model: EnergyModel, clamped: Clamped) -> State:
         """T1 steps at β = 0 from the model's initial state."""
-        return run_phase(model, clamped, model.init_state(clamped.x), self.phases.t1)
+        return self.run_phase(model, clamped, model.init_state(clamped.x), self.phases.t1)
 
     def nudged_phase(self, model: EnergyModel, clamped: Clamped, free: State, beta: float,
                      target: Tensor) -> State:
         """T2 steps at ``beta`` starting from the free steady state."""
-        return run_phase(model, clamped, free, self.phases.t2, beta, target)
+        return self.run_phase(model, clamped, free, self.phases.t2, beta, target)
 
     def symmetric_phases(self, model: EnergyModel, clamped: Clamped, free: State,
                          target: Tensor) -> tuple[State, State]:
@@ -105,7 +109,7 @@ class Estimator(ABC):
         beta, batch = self.phases.beta, clamped.x.shape[0]
         signs = torch.ones(2 * batch, 1, dtype=clamped.x.dtype, device=clamped.x.device)
         signs[batch:] = -1.0
-        both = run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free], self.phases.t2,
+        both = self.run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free], self.phases.t2,
                          signs * beta, torch.cat([target, target]))
         return [s[:batch] for s in both], [s[batch:] for s in both]
 

@@ -38,7 +38,7 @@ class BPTT(Estimator):
         with torch.enable_grad():
             clamped = model.clamp(x)  # once per batch: a dropout mask stays the same for all steps
             with torch.no_grad():
-                state = run_phase(model, clamped, model.init_state(x), self.phases.t1 - self.steps)
+                state = self.run_phase(model, clamped, model.init_state(x), self.phases.t1 - self.steps)
             state = run_phase(model, clamped, state, self.steps)
             loss = model.head.loss(state[-1], target).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -45,6 +45,15 @@ simulates is, in order, the ``lr`` argument, the rates of the last
 Random-sign β (``random_sign=True``): the sign of β is drawn per batch from
 the estimator's CPU generator, like :class:`RandomSignEP`. The loops make no
 host synchronisation and use no autograd (β, η are Python floats).
+
+Stability (a property of the rule, not of this code). The updates feed back into the phase: the
+first layer's step moves the next drive by ``(η_1/β)(x x^T + 1 1^T)/B · (s^1_{t+1} - s^1_t)``,
+which the next step passes through σ'. For β > 0 the feedback is positive, with a per-step gain up
+to ``(η_1/β)(λ_max(x x^T/B) + 1) · max σ'``; for β < 0 it has the same size but alternates in sign.
+On MNIST batches of 20 (λ_max 25-59, median 41) that bound is about 1.2 at the C-EP-1h rates and 1.6
+at the C-VF-1h rates. At those rates only units near saturation keep the phase from running away. For
+β > 0 the whole update is several to a hundred times its η → 0 limit. When the phase does run
+away, it adds a low-rank term along one hidden mode to W_1, W_2 and B_2 together.
 """
 from __future__ import annotations
 

@@ -328,8 +328,9 @@ class PCNN(EnergyModel):
             below = clamped.x if n == 0 else state[n - 1]
             unpooled = F.max_unpool2d(post[n], self._forward_indices(n, clamped, below), 2, 2,
                                       output_size=self.conv_shapes[n][1:])
-            weight = torch.nn.grad.conv2d_weight(below, conv.weight.shape, unpooled, conv.stride,
-                                                 conv.padding)
+            # (no autocast rule covers this op: under bf16 autocast the input x is float32)
+            weight = torch.nn.grad.conv2d_weight(below, conv.weight.shape, unpooled.to(below.dtype),
+                                                 conv.stride, conv.padding)
             # each pooled unit routes to exactly one position: Σ unpooled = Σ post^n
             grads += [weight.mul_(inv_batch), post[n].sum(dim=(0, 2, 3)).mul_(inv_batch)]
         for m in range(len(self.fcs)):

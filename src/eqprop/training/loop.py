@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import BatchLoader
-from ..dynamics import run_phase
+from ..dynamics import PhaseRunner, run_phase
 from ..estimators import Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
@@ -115,14 +115,16 @@ def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, boo
 
 
 @torch.no_grad()
-def evaluate(model: EnergyModel, loader: BatchLoader, t1: int) -> tuple[float, float]:
-    """Mean loss and error rate of the free steady state (T1 steps) over ``loader``."""
+def evaluate(model: EnergyModel, loader: BatchLoader, t1: int,
+             phase_runner: PhaseRunner = run_phase) -> tuple[float, float]:
+    """Mean loss and error rate of the free steady state (T1 steps, run by ``phase_runner``)
+    over ``loader``."""
     model.eval()
     totals = _Totals(loader.device)
     for x, y in loader:
         target = F.one_hot(y, model.head.classes).to(x.dtype)
         clamped = model.clamp(x)
-        state = run_phase(model, clamped, model.init_state(x), t1)
+        state = phase_runner(model, clamped, model.init_state(x), t1)
         totals.add(model.logits(state), model.head.loss(state[-1], target), y)
     loss, error, finite = totals.read()
     if not finite:

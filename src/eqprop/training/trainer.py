@@ -3,7 +3,8 @@
 Outputs in the run folder: ``config.yaml`` (resolved configuration),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
 atomically after every epoch, with model, optimizer, scheduler and every
-random generator, so ``resume`` continues exactly), ``curves.png`` and, for
+random generator, so ``resume`` continues exactly), ``best.pt`` (the same for
+the epoch of lowest test error so far), ``curves.png`` and, for
 vector-field models, ``angles.png`` (the W–B^T angle per layer, logged as
 ``angle/layerN`` in the metrics).
 """
@@ -21,12 +22,14 @@ from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
+from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
 
 CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"  # the epoch of lowest test error so far (a later collapse keeps it)
 METRICS = "metrics.jsonl"
 
 
@@ -99,6 +102,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     estimator = build.build_estimator_from(config, generators.estimator)
     if config.train.compile:
         estimator.compile()
+    elif config.train.cuda_graphs and device.type == "cuda":
+        estimator.run_phase = PhaseGraphs()
     optimizer = build.build_optimizer(config.optim, model)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
@@ -124,7 +129,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         with warnings.catch_warnings():  # estimators that move the weights themselves never call optimizer.step()
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             scheduler.step()
-        test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1)
+        test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1, estimator.run_phase)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
                   "samples_per_second": stats.samples_per_second,
@@ -132,13 +137,16 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                   **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
         if stats.gradient_angles:
             record["gradient_angles"] = stats.gradient_angles
-        # metrics first: a crash in between leaves a metrics line that resume drops and redoes
+        payload = {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "generators": generators.state(), "device": device.type,
+                   "data_dir": None if root is None else str(root)}
+        # metrics, then the best, then the checkpoint: a crash in between leaves files that
+        # resume redoes identically (it drops metrics lines after the checkpoint's epoch)
         append_metrics(out_dir / METRICS, record)
-        save_checkpoint(checkpoint_path, {
-            "config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generators": generators.state(), "device": device.type,
-            "data_dir": None if root is None else str(root)})
+        if all(test_error < r["test_error"] for r in records):
+            save_checkpoint(out_dir / BEST_CHECKPOINT, payload)
+        save_checkpoint(checkpoint_path, payload)
         records.append(record)
         plot_curves(out_dir, records, config.name)
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "

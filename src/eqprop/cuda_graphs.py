@@ -1,0 +1,136 @@
+"""Whole phases replayed as CUDA graphs.
+
+A phase is T repetitions of the same few kernels. On a GPU the host can take
+longer to issue a step (Python, then one launch per kernel) than the device
+takes to run it, so the device idles between kernels. :class:`PhaseGraphs`
+captures the T steps of a phase once, as one CUDA graph, and afterwards
+replays them with a single launch.
+
+A graph reads and writes fixed addresses, so each graph owns static copies of
+its inputs: before a replay, the batch's clamped input (every tensor field of
+the :class:`~eqprop.models.base.Clamped`, e.g. the first layer's drive or a
+dropout mask), the starting state, the target and a per-sample β are copied
+in, and the final state is cloned out. Parameters are read in place, so an
+optimizer that updates them in place (all of ``torch.optim`` does) is seen by
+the next replay. A model's step must therefore read nothing but its
+parameters, the clamped input, the state, β and the target, which holds for
+every model of the package except a P-CNN with dropout in training mode, whose
+softmax readout reads the batch's mask from the model: such phases run eagerly.
+
+One graph is captured per distinct (model, parameter addresses, steps, β,
+input shapes and dtypes, train/eval mode, autocast); phases with autograd
+enabled (BPTT's recorded steps) or on the CPU run eagerly through
+:func:`~eqprop.dynamics.run_phase`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .dynamics import run_phase
+from .models.base import Clamped, EnergyModel, State
+
+
+def _tensor_leaves(value: Any) -> list[Tensor]:
+    """The tensors of a clamped field: a tensor, or a list or tuple of them."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensor_leaves(item)]
+    return []
+
+
+def _structure(value: Any) -> Any:
+    """A hashable description of a clamped field: tensors by shape and dtype, the rest by value."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.stride())
+    if isinstance(value, (list, tuple)):
+        return tuple(_structure(item) for item in value)
+    return value
+
+
+def _rebuild(value: Any, tensors: list[Tensor]) -> Any:
+    """``value`` with its tensors replaced, in order, by those popped from ``tensors``."""
+    if isinstance(value, Tensor):
+        return tensors.pop(0)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebuild(item, tensors) for item in value)
+    return value
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Tensor]      # static copies of the clamped tensors, the state, the target and β
+    outputs: State
+
+
+class PhaseGraphs:
+    """A drop-in replacement of :func:`~eqprop.dynamics.run_phase` that replays CUDA graphs.
+
+    Call it with ``run_phase``'s arguments. ``warmup`` eager steps run on a side
+    stream before each capture (cuDNN and cuBLAS choose their kernels there, as
+    the capture must not allocate workspace for the first time).
+    """
+
+    def __init__(self, warmup: int = 3, max_graphs: int = 32) -> None:
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, _Graph] = {}
+
+    def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
+                 beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
+        dropout = model.training and getattr(model, "dropout_mask", None) is not None
+        if steps == 0 or not state[0].is_cuda or torch.is_grad_enabled() or dropout:
+            return run_phase(model, clamped, state, steps, beta, target)
+        fields = [getattr(clamped, f.name) for f in dataclasses.fields(clamped)]
+        extras = [t for t in (target, beta) if isinstance(t, Tensor)]   # target, then a per-sample β
+        inputs = _tensor_leaves(fields) + list(state) + extras
+        key = (id(model), tuple(p.data_ptr() for p in model.parameters()), model.training, steps,
+               None if isinstance(beta, Tensor) else float(beta), type(clamped), _structure(fields),
+               _structure(list(state) + extras), target is None,
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                # something changes from call to call (shapes, β, parameters re-allocated): keep the
+                # memory bounded rather than hold a graph per call
+                warnings.warn(f"PhaseGraphs: more than {self.max_graphs} distinct phases; dropping the "
+                              "captured graphs", RuntimeWarning, stacklevel=2)
+                self._graphs.clear()
+            entry = self._capture(model, type(clamped), fields, len(state), steps, beta, target, inputs)
+            self._graphs[key] = entry
+        for static, value in zip(entry.inputs, inputs):
+            static.copy_(value)
+        entry.graph.replay()
+        return [s.clone() for s in entry.outputs]
+
+    def _capture(self, model: EnergyModel, clamped_type: type[Clamped], fields: list[Any], n_state: int,
+                 steps: int, beta: float | Tensor, target: Tensor | None, inputs: list[Tensor]) -> _Graph:
+        static = [t.detach().clone() for t in inputs]
+        pool = list(static)
+        static_clamped = clamped_type(*[_rebuild(v, pool) for v in fields])
+        static_state = [pool.pop(0) for _ in range(n_state)]
+        static_target = pool.pop(0) if target is not None else None
+        static_beta = pool.pop(0) if isinstance(beta, Tensor) else beta
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm = static_state
+            for _ in range(min(self.warmup, steps)):
+                warm = model.step(static_clamped, warm, static_beta, static_target)
+        torch.cuda.current_stream().wait_stream(side)
+
+        graph = torch.cuda.CUDAGraph()
+        # an autocast cache would hand the graph weight casts made before the capture, which
+        # later replays would never refresh: casts are recorded inside the graph instead
+        with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                            cache_enabled=False):
+            with torch.cuda.graph(graph):
+                outputs = run_phase(model, static_clamped, static_state, steps, static_beta, static_target)
+        return _Graph(graph, static, outputs)
