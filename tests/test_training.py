@@ -157,3 +157,15 @@ def test_gradient_angle_is_logged_every_n_batches(tmp_path):
     angles = records[0]["gradient_angles"]
     assert [batch for batch, _ in angles] == [1, 8, 15]
     assert all(0.0 <= angle < 90.0 for _, angle in angles)
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", torch.channels_last), (True, torch.channels_last),
+                                               (False, torch.contiguous_format)])
+def test_conv_models_are_placed_channels_last_on_the_cpu_by_default(setting, expected):
+    from eqprop import build
+    from eqprop.training.trainer import _place
+    data = load_preset("cifar10-small")
+    data["train"]["channels_last"] = setting
+    config = validate_config(data)
+    model = _place(build.build_model(config), config, torch.device("cpu"))
+    assert model.memory_format() == expected

@@ -186,7 +186,9 @@ class TrainConfig(Strict):
     threads: PositiveInt | None = Field(1, description="CPU threads for torch (None: torch's default)")
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
-    channels_last: bool = Field(False, description="conv models: keep weights and states channels-last (NHWC)")
+    channels_last: Literal["auto", True, False] = Field(
+        "auto", description="conv models: keep weights and states channels-last (NHWC); auto: on the CPU "
+                            "(where NCHW pooling is slow), not on CUDA (no gain once the phases are graphed)")
     compile: bool = Field(False, description="torch.compile the estimator's phases (one-time compile cost "
                                              "of tens of seconds; then fewer, fused kernels per step)")
     cuda_graphs: bool = Field(True, description="CUDA only: capture each phase once as a CUDA graph and "

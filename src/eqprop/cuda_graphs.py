@@ -45,7 +45,7 @@ def _tensor_leaves(value: Any) -> list[Tensor]:
 
 
 def _structure(value: Any) -> Any:
-    """A hashable description of a clamped field: tensors by shape and dtype, the rest by value."""
+    """A hashable description of a clamped field: tensors by shape, dtype and strides, the rest by value."""
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.stride())
     if isinstance(value, (list, tuple)):
@@ -64,6 +64,8 @@ def _rebuild(value: Any, tensors: list[Tensor]) -> Any:
 
 @dataclasses.dataclass
 class _Graph:
+    """One captured phase: replay after copying the call's inputs into ``inputs``."""
+
     graph: torch.cuda.CUDAGraph
     inputs: list[Tensor]      # static copies of the clamped tensors, the state, the target and β
     outputs: State
@@ -102,18 +104,19 @@ class PhaseGraphs:
                 warnings.warn(f"PhaseGraphs: more than {self.max_graphs} distinct phases; dropping the "
                               "captured graphs", RuntimeWarning, stacklevel=2)
                 self._graphs.clear()
-            entry = self._capture(model, type(clamped), fields, len(state), steps, beta, target, inputs)
+            entry = self._capture(model, clamped, len(state), steps, beta, target, inputs)
             self._graphs[key] = entry
         for static, value in zip(entry.inputs, inputs):
             static.copy_(value)
         entry.graph.replay()
         return [s.clone() for s in entry.outputs]
 
-    def _capture(self, model: EnergyModel, clamped_type: type[Clamped], fields: list[Any], n_state: int,
-                 steps: int, beta: float | Tensor, target: Tensor | None, inputs: list[Tensor]) -> _Graph:
+    def _capture(self, model: EnergyModel, clamped: Clamped, n_state: int, steps: int,
+                 beta: float | Tensor, target: Tensor | None, inputs: list[Tensor]) -> _Graph:
         static = [t.detach().clone() for t in inputs]
         pool = list(static)
-        static_clamped = clamped_type(*[_rebuild(v, pool) for v in fields])
+        static_clamped = dataclasses.replace(clamped, **{f.name: _rebuild(getattr(clamped, f.name), pool)
+                                                         for f in dataclasses.fields(clamped)})
         static_state = [pool.pop(0) for _ in range(n_state)]
         static_target = pool.pop(0) if target is not None else None
         static_beta = pool.pop(0) if isinstance(beta, Tensor) else beta

@@ -158,7 +158,10 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
 def _place(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
     """Move the model to the run's device, dtype and (conv models) memory layout."""
     model = model.to(device=device, dtype=build.DTYPES[config.train.dtype])
-    if config.train.channels_last and config.model.kind == "cnn":
+    channels_last = config.train.channels_last
+    if channels_last == "auto":
+        channels_last = device.type == "cpu"
+    if channels_last and config.model.kind == "cnn":
         model = model.to(memory_format=torch.channels_last)
     return model
 
