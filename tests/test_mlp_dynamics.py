@@ -93,3 +93,25 @@ def test_fast_step_equals_sigma_of_dphi_ds(activation, sizes, loss, beta, inside
     reference = EnergyModel.step(model, clamped, state, beta, target)
     for a, b in zip(fast, reference):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["scaled_sigmoid", "hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("sizes", [[7, 5], [7, 6, 4], [9, 8, 6, 5, 3]])
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_in_place_step_without_autograd_matches_and_keeps_clamped(activation, sizes, beta):
+    # without autograd σ overwrites the step's own preactivations; the clamped offsets
+    # (a one-layer model's whole preactivation) must survive and the result must not change
+    g = torch.Generator().manual_seed(2)
+    model = PMLP(sizes, activation=activation, generator=g).double()
+    x = torch.rand(3, sizes[0], generator=g, dtype=torch.float64)
+    state = [torch.rand(s.shape, generator=g, dtype=torch.float64) for s in model.init_state(x)]
+    target = F.one_hot(torch.tensor([0, 2, 1]), sizes[-1]).double()
+    clamped = model.clamp(x)
+    offsets = [o.clone() for o in clamped.offsets]
+    with torch.no_grad():
+        fast = model.step(clamped, model.step(clamped, state, beta, target), beta, target)
+    reference = model.step(clamped, model.step(clamped, state, beta, target), beta, target)
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for o, kept in zip(clamped.offsets, offsets):
+        torch.testing.assert_close(o, kept, rtol=0, atol=0)

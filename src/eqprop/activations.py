@@ -18,7 +18,9 @@ class Activation:
 
     The split lets a model fold ``scale`` and ``shift`` into the matmuls it
     already does (``addmm``'s alpha/beta, a shifted bias), so a step costs one
-    elementwise call per layer instead of three.
+    elementwise call per layer instead of three. ``core_`` is ``core`` applied in
+    place (and returning its argument): a step that owns its preactivations
+    overwrites them instead of allocating the new state.
     """
 
     name: str
@@ -26,6 +28,7 @@ class Activation:
     derivative: Callable[[Tensor], Tensor]
     description: str
     core: Callable[[Tensor], Tensor]
+    core_: Callable[[Tensor], Tensor]
     scale: float = 1.0
     shift: float = 0.0
 
@@ -41,6 +44,10 @@ def _scaled_sigmoid_derivative(u: Tensor) -> Tensor:
 
 def _hard_sigmoid(u: Tensor) -> Tensor:
     return u.clamp(0.0, 1.0)
+
+
+def _hard_sigmoid_(u: Tensor) -> Tensor:
+    return u.clamp_(0.0, 1.0)
 
 
 def _hard_sigmoid_derivative(u: Tensor) -> Tensor:
@@ -64,12 +71,14 @@ ACTIVATIONS: dict[str, Activation] = {
     for a in (
         Activation("scaled_sigmoid", _scaled_sigmoid, _scaled_sigmoid_derivative,
                    "1/(1+exp(-4(u-0.5))), the C-EP paper and Laborieux's MNIST runs",
-                   torch.sigmoid, scale=4.0, shift=0.5),
+                   torch.sigmoid, torch.sigmoid_, scale=4.0, shift=0.5),
         Activation("hard_sigmoid", _hard_sigmoid, _hard_sigmoid_derivative,
-                   "clamp(u, 0, 1)", _hard_sigmoid),
+                   "clamp(u, 0, 1)", _hard_sigmoid, _hard_sigmoid_),
         Activation("half_hard_sigmoid", _half_hard_sigmoid, _half_hard_sigmoid_derivative,
-                   "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets", _hard_sigmoid, scale=0.5),
-        Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check", torch.tanh),
+                   "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets", _hard_sigmoid,
+                   _hard_sigmoid_, scale=0.5),
+        Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check", torch.tanh,
+                   torch.tanh_),
     )
 }
 
