@@ -169,3 +169,14 @@ def test_conv_models_are_placed_channels_last_on_the_cpu_by_default(setting, exp
     config = validate_config(data)
     model = _place(build.build_model(config), config, torch.device("cpu"))
     assert model.memory_format() == expected
+
+
+def test_phases_are_graphed_only_on_cuda_and_never_with_compile():
+    from eqprop.cuda_graphs import PhaseGraphs
+    from eqprop.dynamics import run_phase
+    from eqprop.training.trainer import phase_runner
+    cuda = torch.device("cuda")
+    assert isinstance(phase_runner(small_config(), cuda), PhaseGraphs)   # constructing needs no GPU
+    assert phase_runner(small_config(), torch.device("cpu")) is run_phase
+    assert phase_runner(small_config(train={"cuda_graphs": False}), cuda) is run_phase
+    assert phase_runner(small_config(train={"compile": True}), cuda) is run_phase

@@ -109,8 +109,8 @@ class Estimator(ABC):
         beta, batch = self.phases.beta, clamped.x.shape[0]
         signs = torch.ones(2 * batch, 1, dtype=clamped.x.dtype, device=clamped.x.device)
         signs[batch:] = -1.0
-        both = self.run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free], self.phases.t2,
-                         signs * beta, torch.cat([target, target]))
+        both = self.run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free],
+                              self.phases.t2, signs * beta, torch.cat([target, target]))
         return [s[:batch] for s in both], [s[batch:] for s in both]
 
 

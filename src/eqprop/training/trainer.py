@@ -24,6 +24,7 @@ from ..alignment import backward_angles
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
+from ..dynamics import PhaseRunner, run_phase
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
@@ -102,8 +103,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     estimator = build.build_estimator_from(config, generators.estimator)
     if config.train.compile:
         estimator.compile()
-    elif config.train.cuda_graphs and device.type == "cuda":
-        estimator.run_phase = PhaseGraphs()
+    estimator.run_phase = phase_runner(config, device)
     optimizer = build.build_optimizer(config.optim, model)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
@@ -153,6 +153,13 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
     return records
+
+
+def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
+    """CUDA graphs where they apply (on CUDA, configured, phases not compiled), else eager phases."""
+    if config.train.cuda_graphs and device.type == "cuda" and not config.train.compile:
+        return PhaseGraphs()
+    return run_phase
 
 
 def _place(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -233,5 +240,5 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
     model = _place(model, config, run_device)
     loader = build.build_loader(config, test_data, False, run_device, None)
-    loss, error = evaluate(model, loader, config.dynamics.t1)
+    loss, error = evaluate(model, loader, config.dynamics.t1, phase_runner(config, run_device))
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}
