@@ -78,3 +78,17 @@ def test_record_phase_returns_the_trajectory():
     for layer, last in zip(trajectory, final):
         assert torch.equal(layer[-1], last)
         assert torch.equal(layer[0], torch.zeros_like(last))
+
+
+def test_only_closed_form_models_are_replayed_as_cuda_graphs():
+    """A Φ-only model steps through autograd, which a CUDA graph must not capture."""
+    from eqprop.models.cnn import PCNN
+    reference, user, _, _ = setup()
+    assert reference.supports_cuda_graphs()
+    assert not user.supports_cuda_graphs()
+    conv = PCNN((3, 8, 8), [4], [3], [1], [1], [3], dropout=0.5)
+    conv.clamp(torch.rand(2, 3, 8, 8))               # training mode: draws the batch's mask
+    assert not conv.supports_cuda_graphs()           # the readout reads it from the model
+    conv.eval()
+    assert conv.supports_cuda_graphs()
+    assert PCNN((3, 8, 8), [4], [3], [1], [1], [3]).supports_cuda_graphs()

@@ -13,9 +13,12 @@ dropout mask), the starting state, the target and a per-sample β are copied
 in, and the final state is cloned out. Parameters are read in place, so an
 optimizer that updates them in place (all of ``torch.optim`` does) is seen by
 the next replay. A model's step must therefore read nothing but its
-parameters, the clamped input, the state, β and the target, which holds for
-every model of the package except a P-CNN with dropout in training mode, whose
-softmax readout reads the batch's mask from the model: such phases run eagerly.
+parameters, the clamped input, the state, β and the target, and use no
+autograd; a model says so with
+:meth:`~eqprop.models.base.EnergyModel.supports_cuda_graphs`. The built-in
+models do, except a P-CNN with dropout in training mode (its softmax readout
+reads the batch's mask from the model); a model defined by Φ alone does not.
+The phases of models that do not run eagerly.
 
 One graph is captured per distinct (model, parameter addresses, steps, β,
 input shapes and dtypes, train/eval mode, autocast); phases with autograd
@@ -86,8 +89,7 @@ class PhaseGraphs:
 
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
-        dropout = model.training and getattr(model, "dropout_mask", None) is not None
-        if steps == 0 or not state[0].is_cuda or torch.is_grad_enabled() or dropout:
+        if steps == 0 or not state[0].is_cuda or torch.is_grad_enabled() or not model.supports_cuda_graphs():
             return run_phase(model, clamped, state, steps, beta, target)
         fields = [getattr(clamped, f.name) for f in dataclasses.fields(clamped)]
         extras = [t for t in (target, beta) if isinstance(t, Tensor)]   # target, then a per-sample β

@@ -57,6 +57,14 @@ class EnergyModel(nn.Module):
     #: ``vector_field_grads``; the vector-field estimators and the GDU check rely on it
     is_vector_field: bool = False
 
+    def supports_cuda_graphs(self) -> bool:
+        """True if :meth:`step` reads nothing but the parameters (updated in place), the
+        clamped input, the state, β and the target, and uses no autograd: then
+        :class:`~eqprop.cuda_graphs.PhaseGraphs` may capture a phase once and replay it.
+        False here (a model defined by Φ alone steps through autograd); the built-in
+        closed-form models say True."""
+        return False
+
     # -- what a model must define -------------------------------------------------
     def init_state(self, x: Tensor) -> State:
         """The initial state s_0 for input ``x`` (zeros, like the papers)."""

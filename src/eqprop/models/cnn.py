@@ -241,6 +241,11 @@ class PCNN(EnergyModel):
         return total
 
     # -- dynamics ------------------------------------------------------------------
+    def supports_cuda_graphs(self) -> bool:
+        # with dropout in training, the softmax readout reads the batch's mask from the model
+        # (``head.mask``), not from the clamped input: a replay would use a stale mask
+        return not (self.training and self.dropout_mask is not None)
+
     def clamp(self, x: Tensor) -> ConvClamped:
         first = self.convs[0]
         drive, indices = F.max_pool2d(first(x), 2, 2, return_indices=True)

@@ -103,6 +103,9 @@ class PMLP(EnergyModel):
         top_down = [self._top_down_weight(n) for n in range(1, len(self.layers))]
         return MLPClamped(x, drive, offsets, transposed, weights, top_down)
 
+    def supports_cuda_graphs(self) -> bool:
+        return True
+
     def step(self, clamped: MLPClamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
         """The base class's step with σ's scale and shift folded into the matmuls:
