@@ -180,3 +180,15 @@ def test_phases_are_graphed_only_on_cuda_and_never_with_compile():
     assert phase_runner(small_config(), torch.device("cpu")) is run_phase
     assert phase_runner(small_config(train={"cuda_graphs": False}), cuda) is run_phase
     assert phase_runner(small_config(train={"compile": True}), cuda) is run_phase
+
+
+def test_a_collapse_to_chance_is_reported_with_the_best_epoch():
+    from eqprop.training.trainer import collapse_warning
+    records = [{"epoch": e, "test_error": err} for e, err in enumerate([0.3, 0.05, 0.04, 0.06], start=1)]
+    assert collapse_warning(records) is None                  # noise around a good error
+    assert collapse_warning(records[:1]) is None
+    collapsed = records + [{"epoch": 5, "test_error": 0.902}]
+    message = collapse_warning(collapsed)
+    assert message is not None and "epoch 3" in message and "90.20%" in message
+    early = [{"epoch": 1, "test_error": 0.7}, {"epoch": 2, "test_error": 0.8}]
+    assert collapse_warning(early) is None                    # not twice the best

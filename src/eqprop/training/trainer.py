@@ -152,7 +152,27 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
+        warning = collapse_warning(records)
+        if warning:
+            log(warning)
     return records
+
+
+def collapse_warning(records: list[dict[str, Any]]) -> str | None:
+    """A warning when the last epoch's test error is more than twice the best one and above 50%.
+
+    A network can fall into saturation without any NaN (continual VF did, at the paper's
+    rates): the divergence check does not fire, but the best weights are still in best.pt.
+    """
+    *earlier, last = records
+    if not earlier:
+        return None
+    best = min(earlier, key=lambda r: r["test_error"])
+    if last["test_error"] > max(0.5, 2 * best["test_error"]):
+        return (f"warning: test error {100 * last['test_error']:.2f}% is far above the best "
+                f"{100 * best['test_error']:.2f}% (epoch {best['epoch']}): the network may have collapsed; "
+                f"{BEST_CHECKPOINT} keeps epoch {best['epoch']}")
+    return None
 
 
 def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
