@@ -71,3 +71,16 @@ def test_random_sign_draws_both_signs_from_its_generator(setup):
     minus = flat_direction(build_estimator("one_sided", Phases(60, 60, -0.05)), model, x, target)
     drawn = flat_direction(estimator, model, x, target)
     assert torch.equal(drawn, plus) or torch.equal(drawn, minus)
+
+
+def test_compiled_phases_give_the_eager_estimate():
+    """``train.compile``: the torch.compile'd estimate is the same function as the eager one."""
+    g = torch.Generator().manual_seed(3)
+    model = PMLP([12, 10, 4], activation="scaled_sigmoid", generator=g)
+    x = torch.rand(6, 12, generator=g)
+    target = F.one_hot(torch.randint(0, 4, (6,), generator=g), 4).float()
+    eager = build_estimator("symmetric", Phases(6, 3, 0.2))
+    compiled = build_estimator("symmetric", Phases(6, 3, 0.2))
+    compiled.compile()
+    for a, b in zip(compiled.estimate(model, x, target).direction, eager.estimate(model, x, target).direction):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
