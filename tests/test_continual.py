@@ -536,3 +536,12 @@ def test_c_vf_follows_the_authors_discrete_vf_code(telescope, sign):
             model.backward["layers"]["1"]]
     for p, q in zip(ours, (W1, b1, W2, b2, B2)):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_config_refuses_compile_for_estimators_that_move_the_weights():
+    from eqprop.config import ConfigError, validate_config
+    from eqprop.presets import load_preset
+    data = load_preset("cep-1h")
+    data["train"]["compile"] = True
+    with pytest.raises(ConfigError, match="train.compile"):
+        validate_config(data)

@@ -272,3 +272,23 @@ def test_gradient_angle():
     assert 0 <= angle < 5
     assert torch.equal(estimator.generator.get_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_nan_or_inf_never_reads_as_agreement():
+    from eqprop.gdu.metrics import angle_deg
+    import math
+    r = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    bad = r.clone()
+    bad[1, 0] = float("nan")
+    assert unit_rmse(r, r).eq(0).all()
+    assert unit_rmse(r, bad)[0].isnan() and unit_rmse(r, bad)[1] == 0
+    assert math.isnan(angle_deg(r, bad))
+    assert math.isnan(angle_deg(r, r * float("inf")))
+    assert angle_deg(r, r) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gdu_cli_refuses_a_non_finite_beta(capsys):
+    from eqprop.cli import main
+    for value in ("nan", "inf", "-0.1"):
+        assert main(["gdu", "--preset", "demo", "--beta", value]) == 2
+        assert "finite number > 0" in capsys.readouterr().err

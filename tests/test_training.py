@@ -192,3 +192,19 @@ def test_a_collapse_to_chance_is_reported_with_the_best_epoch():
     assert message is not None and "epoch 3" in message and "90.20%" in message
     early = [{"epoch": 1, "test_error": 0.7}, {"epoch": 2, "test_error": 0.8}]
     assert collapse_warning(early) is None                    # not twice the best
+
+
+def test_a_checkpoint_of_an_older_release_resumes(tmp_path):
+    """Fields added since a checkpoint was written take their defaults; resume must not call
+    them changed settings."""
+    from eqprop.training.checkpoint import save_checkpoint
+    config = small_config(train={"epochs": 1})
+    train(config, tmp_path, log=quiet)
+    payload = load_checkpoint(tmp_path / CHECKPOINT)
+    for section, key in (("model", "backward"), ("model", "backward_init"), ("optim", "fused"),
+                         ("train", "cuda_graphs")):
+        del payload["config"][section][key]
+    payload = {k: v for k, v in payload.items() if k not in ("format", "version")}
+    save_checkpoint(tmp_path / CHECKPOINT, payload)
+    two = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    assert [r["epoch"] for r in train(two, tmp_path, resume=True, log=quiet)] == [1, 2]

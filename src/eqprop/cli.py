@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -23,6 +24,17 @@ DEFAULT_PRESET = "demo"
 
 class UsageError(Exception):
     """Wrong command-line usage (exit status 2)."""
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -67,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     gdu.add_argument("--batch-size", type=_positive_int, help="samples in the checked batch (default train.batch_size)")
     gdu.add_argument("--t1", type=_positive_int, help="free steps (default dynamics.t1; the theorem needs convergence)")
     gdu.add_argument("--k", type=_positive_int, help="nudged steps compared (default dynamics.t2)")
-    gdu.add_argument("--beta", type=float, help="nudging strength (default dynamics.beta; small is better)")
+    gdu.add_argument("--beta", type=_positive_float, help="nudging strength (default dynamics.beta; small is better)")
     gdu.add_argument("--estimators", help="comma list among one_sided, one_sided_neg, symmetric, c_ep, vf, c_vf "
                                           "(default: by model kind)")
-    gdu.add_argument("--lr", type=float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
+    gdu.add_argument("--lr", type=_positive_float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
     gdu.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     gdu.add_argument("--seed", type=int, help="model init, batch and plotted units (default train.seed)")
     gdu.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
@@ -178,8 +190,6 @@ def command_gdu(args: argparse.Namespace) -> int:
     config = resolve_config(args, base=base)
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
-    if args.beta is not None and args.beta <= 0:
-        raise UsageError("--beta must be positive")
     try:
         result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
                              estimators=estimators, data_dir=args.data_dir, download=args.download, seed=args.seed,

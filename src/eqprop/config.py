@@ -233,6 +233,9 @@ class RunConfig(Strict):
             if o.name != "sgd" or o.momentum or o.weight_decay or o.nesterov:
                 raise ValueError(f"optim: {self.estimator.name} moves the weights itself with plain SGD steps "
                                  "during the nudged phase; use name sgd, momentum 0, weight_decay 0")
+            if self.train.compile:
+                raise ValueError(f"train.compile: {self.estimator.name} runs its nudged phase step by step "
+                                 "(the weights move at every step); compile applies to the other estimators")
         return self
 
 # -- reading, changing, writing -------------------------------------------------

@@ -10,7 +10,8 @@ A graph reads and writes fixed addresses, so each graph owns static copies of
 its inputs: before a replay, the batch's clamped input (every tensor field of
 the :class:`~eqprop.models.base.Clamped`, e.g. the first layer's drive or a
 dropout mask), the starting state, the target and a per-sample β are copied
-in, and the final state is cloned out. Parameters are read in place, so an
+in, and the final state is cloned out. Parameters (and views of them that the
+clamped input may hold) are read in place, so an
 optimizer that updates them in place (all of ``torch.optim`` does) is seen by
 the next replay. A model's step must therefore read nothing but its
 parameters, the clamped input, the state, β and the target, and use no
@@ -18,7 +19,7 @@ autograd; a model says so with
 :meth:`~eqprop.models.base.EnergyModel.supports_cuda_graphs`. The built-in
 models do, except a P-CNN with dropout in training mode (its softmax readout
 reads the batch's mask from the model); a model defined by Φ alone does not.
-The phases of models that do not run eagerly.
+Phases of a model that does not are run eagerly.
 
 One graph is captured per distinct (model, parameter addresses, steps, β,
 input shapes and dtypes, train/eval mode, autocast); phases with autograd
@@ -70,7 +71,8 @@ class _Graph:
     """One captured phase: replay after copying the call's inputs into ``inputs``."""
 
     graph: torch.cuda.CUDAGraph
-    inputs: list[Tensor]      # static copies of the clamped tensors, the state, the target and β
+    inputs: list[Tensor | None]   # static copies of the clamped tensors, the state, the target and β
+                                  # (None: the input is a parameter or a view of one, read in place)
     outputs: State
 
 
@@ -109,14 +111,18 @@ class PhaseGraphs:
             entry = self._capture(model, clamped, len(state), steps, beta, target, inputs)
             self._graphs[key] = entry
         for static, value in zip(entry.inputs, inputs):
-            static.copy_(value)
+            if static is not None:
+                static.copy_(value)
         entry.graph.replay()
         return [s.clone() for s in entry.outputs]
 
     def _capture(self, model: EnergyModel, clamped: Clamped, n_state: int, steps: int,
                  beta: float | Tensor, target: Tensor | None, inputs: list[Tensor]) -> _Graph:
-        static = [t.detach().clone() for t in inputs]
-        pool = list(static)
+        # a clamped input may hold the weights themselves (the P-MLP's, looked up once per batch):
+        # those are read in place like every parameter, not copied before each replay
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        static = [None if t.untyped_storage().data_ptr() in weights else t.detach().clone() for t in inputs]
+        pool = [t if s is None else s for t, s in zip(inputs, static)]
         static_clamped = dataclasses.replace(clamped, **{f.name: _rebuild(getattr(clamped, f.name), pool)
                                                          for f in dataclasses.fields(clamped)})
         static_state = [pool.pop(0) for _ in range(n_state)]

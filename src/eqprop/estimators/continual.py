@@ -20,7 +20,7 @@ step, in this order, for t = 0..K-1:
 
 3. The first layer's clamped drive (``model.clamp``, e.g. ``W_1 x + b_1``)
    depends on the weights, so it is recomputed after every update (keeping the
-   batch's dropout mask, see :func:`refresh_clamped`).
+   batch's dropout mask, see :meth:`EnergyModel.refresh_clamped`).
 
 Fully connected models (:class:`~eqprop.models.mlp.PMLP` and
 :class:`~eqprop.models.vf.VFMLP`) skip the first layer's per-step work: the
@@ -71,23 +71,6 @@ from .base import Estimate, Estimator, Phases, register
 Rule = Literal["ep", "vf"]
 #: ``(model, clamped, state, delta) -> (∂u/∂θ(state))^T · delta`` for the non-head parameters
 VectorFieldGrads = Callable[[EnergyModel, Clamped, State, State], list[Tensor]]
-
-
-def refresh_clamped(model: EnergyModel, clamped: Clamped) -> Clamped:
-    """The clamped input recomputed for the model's current weights, same batch and random draws.
-
-    A model may define ``refresh_clamped(clamped)``; otherwise a batch without
-    a dropout mask is clamped again, and one with a mask (P-CNN in training
-    mode) keeps its mask and drops the cached drive and pooling indices, which
-    the P-CNN recomputes from its current weights at every step.
-    """
-    refresh = getattr(model, "refresh_clamped", None)
-    if refresh is not None:
-        return refresh(clamped)
-    if getattr(clamped, "mask", None) is None:
-        return model.clamp(clamped.x)
-    changes = {f.name: None for f in dataclasses.fields(clamped) if f.name in ("drive", "indices")}
-    return dataclasses.replace(clamped, **changes)
 
 
 def model_vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
@@ -161,7 +144,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
             neuron_steps.append([(a - b) * inv_beta for a, b in zip(nxt, state)])
             param_steps.append([u * inv_beta for u in updates])
         if moving:
-            clamped = refresh_clamped(model, clamped)
+            clamped = model.refresh_clamped(clamped)
         state = nxt
     return ContinualResult(total, state, clamped, neuron_steps, param_steps)
 
@@ -190,7 +173,7 @@ def first_layer_telescopes(model: EnergyModel, clamped: Clamped) -> bool:
     update rules read x only in the first layer's outer product.
     """
     return (isinstance(model, PMLP) and isinstance(clamped, MLPClamped)
-            and type(model).clamp is PMLP.clamp and getattr(model, "refresh_clamped", None) is None)
+            and type(model).clamp is PMLP.clamp and type(model).refresh_clamped is EnergyModel.refresh_clamped)
 
 
 def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta: float, target: Tensor,

@@ -37,7 +37,8 @@ def unit_rmse(reference: Tensor, estimate: Tensor, steps: Tensor | None = None) 
         return torch.zeros(reference[0].numel(), dtype=torch.float64, device=reference.device)
     num = (r - d).pow(2).sum(dim=0)
     den = torch.maximum(r.pow(2).sum(dim=0), d.pow(2).sum(dim=0))
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num)).sqrt()
+    # 0 where both are zero; NaN (from NaN or inf inputs) stays NaN
+    return torch.where(den == 0, torch.zeros_like(num), num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
 
 
 def sign_agreement(reference_total: Tensor, estimate_total: Tensor) -> float:
@@ -61,10 +62,10 @@ def angle_deg(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> float:
     if isinstance(b, (list, tuple)):
         b = torch.cat([t.flatten() for t in b])
     a, b = a.flatten().double(), b.flatten().double()
-    norms = float(a.norm() * b.norm())
-    if norms == 0.0:
-        return float("nan")
-    cosine = max(-1.0, min(1.0, float(a @ b) / norms))
+    norms, dot = float(a.norm() * b.norm()), float(a @ b)
+    if norms == 0.0 or not math.isfinite(norms) or not math.isfinite(dot):
+        return float("nan")   # no direction, or NaN/inf values: not a perfect agreement
+    cosine = max(-1.0, min(1.0, dot / norms))
     return math.degrees(math.acos(cosine))
 
 

@@ -13,7 +13,7 @@ with closed forms (no autograd per step), which tests check against Φ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from ..heads import Head
 State = list[Tensor]
 
 
-@dataclass
+@dataclasses.dataclass
 class Clamped:
     """The clamped input of a batch, and what a model precomputes from it once.
 
@@ -37,10 +37,11 @@ class Clamped:
     drive: Tensor | None = None
 
     def repeat_batch(self, times: int) -> "Clamped":
-        """The same clamped input for a batch repeated ``times`` times (phases run side by side)."""
-        def rep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
-        return Clamped(rep(self.x), rep(self.drive))
+        """The same clamped input for a batch repeated ``times`` times (phases run side by side):
+        every tensor field is per sample (subclasses with shared fields override this)."""
+        return dataclasses.replace(self, **{f.name: torch.cat([value] * times)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(value := getattr(self, f.name), Tensor)})
 
 
 def is_free(beta: float | Tensor) -> bool:
@@ -86,6 +87,12 @@ class EnergyModel(nn.Module):
     def clamp(self, x: Tensor) -> Clamped:
         """Precompute what stays constant while ``x`` is clamped (see :class:`Clamped`)."""
         return Clamped(x)
+
+    def refresh_clamped(self, clamped: Clamped) -> Clamped:
+        """``clamped`` recomputed for the current weights, with the same batch and random draws
+        (continual EP moves the weights while x stays clamped). Clamping again, here; a model
+        whose :meth:`clamp` draws random numbers overrides this to keep them."""
+        return self.clamp(clamped.x)
 
     def preactivations(self, clamped: Clamped, state: State) -> State:
         """``∂Φ/∂s^n`` for every layer, by autograd of :meth:`phi` (override with a closed form)."""

@@ -47,7 +47,7 @@ which do not receive the ``Clamped``); both are ignored in eval mode.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +70,6 @@ class ConvClamped(Clamped):
 
     indices: Tensor | None = None
     mask: Tensor | None = None
-
-    def repeat_batch(self, times: int) -> "ConvClamped":
-        def rep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
-        return ConvClamped(rep(self.x), rep(self.drive), rep(self.indices), rep(self.mask))
 
 
 class MaskedSoftmaxReadout(SoftmaxReadout):
@@ -258,6 +253,14 @@ class PCNN(EnergyModel):
         if isinstance(self.head, MaskedSoftmaxReadout):
             self.head.mask = mask
         return ConvClamped(x, drive, indices, mask)
+
+    def refresh_clamped(self, clamped: Clamped) -> Clamped:
+        """Clamp again, except with a dropout mask: that is kept, and the cached first-layer
+        drive and pooling indices are dropped (the step then computes them from the current
+        weights)."""
+        if not isinstance(clamped, ConvClamped) or clamped.mask is None:
+            return self.clamp(clamped.x)
+        return replace(clamped, drive=None, indices=None)
 
     def _conv_pool(self, n: int, below: Tensor) -> tuple[Tensor, Tensor]:
         """``P(w_n ⋆ below + b_n)`` and its pooling indices (n counted from 0)."""

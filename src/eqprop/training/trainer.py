@@ -66,10 +66,11 @@ def configure_torch(config: RunConfig) -> torch.device:
     return device
 
 
-def checkpoint_config(path: Path) -> RunConfig:
-    """The configuration stored in a checkpoint."""
+def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> RunConfig:
+    """The configuration stored in a checkpoint (``checkpoint``: its already loaded content),
+    validated: fields added since the checkpoint was written take their defaults."""
     try:
-        return validate_config(load_checkpoint(path)["config"])
+        return validate_config((checkpoint or load_checkpoint(path))["config"])
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {path} holds an unusable configuration ({error})") from None
 
@@ -86,7 +87,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                           "or choose another --out")
     checkpoint = load_checkpoint(checkpoint_path) if resume else None
     if checkpoint is not None:
-        _check_resumable(checkpoint["config"], config, checkpoint_path)
+        _check_resumable(checkpoint, config, checkpoint_path)
 
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
@@ -202,13 +203,14 @@ def resolve_schedule(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"schedule": schedule})
 
 
-def _check_resumable(stored: dict[str, Any], config: RunConfig, path: Path) -> None:
+def _check_resumable(checkpoint: dict[str, Any], config: RunConfig, path: Path) -> None:
     """Refuse to continue a checkpoint with another model, optimizer or schedule (their states
     in the checkpoint would silently override the new settings)."""
+    stored = resolve_schedule(checkpoint_config(path, checkpoint)).model_dump(mode="json")
     for section in ("model", "optim", "schedule"):
         now = getattr(config, section).model_dump(mode="json")
-        if stored.get(section) != now:
-            changed = sorted(k for k in now if stored.get(section, {}).get(k) != now[k])
+        if stored[section] != now:
+            changed = sorted(k for k in now if stored[section].get(k) != now[k])
             raise CheckpointError(f"checkpoint {path} was trained with other {section} settings "
                                   f"({', '.join(f'{section}.{k}' for k in changed)}); resume keeps them")
 
