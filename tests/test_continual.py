@@ -122,6 +122,8 @@ def test_estimate_uses_the_rates_of_the_last_train_step():
     implicit = flat(estimator.estimate(probe, x, target).direction)
     explicit = flat(ContinualEP(PHASES).estimate(probe, x, target, lr=lrs).direction)
     torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    frozen = flat(ContinualEP(PHASES).estimate(probe, x, target).direction)   # η = 0
+    assert not torch.allclose(implicit, frozen)
 
 
 def test_learning_rate_schedules_apply():

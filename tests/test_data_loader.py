@@ -114,6 +114,7 @@ def test_normalisation_is_per_channel(data: ArrayDataset) -> None:
         channel_mean = torch.tensor(mean, dtype=torch.float64).view(1, C, 1, 1)
         channel_std = torch.tensor(std, dtype=torch.float64).view(1, C, 1, 1)
         expected = (data.x[y].double() / 255 - channel_mean) / channel_std
+        assert x.shape == expected.shape
         assert (x - expected).abs().max().item() < 1e-12
 
 

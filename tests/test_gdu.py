@@ -263,7 +263,8 @@ def test_gradient_angle():
     model, x, target = tanh_mlp("ce")
     phases = Phases(150, 150, 0.001)
     assert gradient_angle(model, build_estimator("symmetric", phases), x, target, "all") < 0.01
-    assert gradient_angle(model, build_estimator("bptt", phases), x, target, None) < 1e-6
+    # the reference is BPTT through all T2 = 150 steps: truncating it to 1 step is far off
+    assert gradient_angle(model, build_estimator("bptt", phases, bptt_steps=1), x, target, None) > 10.0
     # C-EP with random signs: the call neither moves the model nor disturbs the sign stream
     estimator = ContinualEP(Phases(150, 20, 0.01), torch.Generator().manual_seed(0), random_sign=True, lr=1e-5)
     state = estimator.generator.get_state()

@@ -147,16 +147,18 @@ def test_model_that_does_not_fit_the_data_is_a_config_error(tmp_path):
 
 
 def test_bf16_autocast_run_learns(tmp_path):
-    records = train(small_config(train={"epochs": 2, "bf16_autocast": True}), tmp_path, log=quiet)
+    records = train(small_config(train={"epochs": 2, "bf16_autocast": True}), tmp_path / "bf16", log=quiet)
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["test_error"] < 0.6
+    full = train(small_config(train={"epochs": 2}), tmp_path / "float32", log=quiet)
+    assert records[-1]["train_loss"] != full[-1]["train_loss"]   # the phases did run in bfloat16
 
 
 def test_gradient_angle_is_logged_every_n_batches(tmp_path):
     records = train(small_config(train={"epochs": 1, "angle_every": 7}), tmp_path, log=quiet)
     angles = records[0]["gradient_angles"]
     assert [batch for batch, _ in angles] == [1, 8, 15]
-    assert all(0.0 <= angle < 90.0 for _, angle in angles)
+    assert all(0.0 < angle < 5.0 for _, angle in angles)   # symmetric EP, β 0.1: 0.5-1° measured
 
 
 @pytest.mark.parametrize("setting, expected", [("auto", torch.channels_last), (True, torch.channels_last),
