@@ -72,9 +72,10 @@ class KPVF(SymmetricVF):
             for pair in model.backward_pairs():
                 i, j = position[id(pair.forward)], position[id(pair.backward)]
                 common = direction[i].add_(pair.mirror(direction[j])).mul_(0.5)
-                direction[j] = pair.mirror(common).clone(memory_format=torch.contiguous_format)
+                # in B's own layout (channels-last or not), which fill_grads then copies without conversion
+                direction[j] = torch.empty_like(pair.backward).copy_(pair.mirror(common))
         if self.leak:
             for p in leaky_weights(model):
                 i = position[id(p)]
-                direction[i] = direction[i].sub(p, alpha=self.leak)
+                direction[i].sub_(p, alpha=self.leak)
         return result

@@ -67,27 +67,6 @@ def _stack(steps: list[list[Tensor]]) -> list[Tensor]:
     return [torch.stack(per_step) for per_step in zip(*steps)]
 
 
-@torch.no_grad()
-def _fixed_vf_traces(model: EnergyModel, clamped: Clamped, free: State, beta: float, target: Tensor,
-                     k: int) -> StepTraces:
-    """One-sided VF step by step: pre-synaptic terms at s*, the head as in EP."""
-    has_head = any(True for _ in model.head.parameters())
-    state, neurons, params = free, [], []
-    for t in range(k):
-        nxt = model.step(clamped, state, beta, target)
-        delta = [(a - b) / beta for a, b in zip(nxt, state)]
-        updates = list(vector_field_vjp(model, clamped, free, delta))
-        if has_head:
-            head = model.head.param_grads(nxt[-1], target, beta)
-            if t > 0:
-                head = [a - b for a, b in zip(head, model.head.param_grads(state[-1], target, beta))]
-            updates += [h / beta for h in head]
-        neurons.append(delta)
-        params.append(updates)
-        state = nxt
-    return StepTraces(_stack(neurons), _stack(params))
-
-
 def symmetric_traces(plus: StepTraces, minus: StepTraces) -> StepTraces:
     """Symmetric EP step by step from the +β and -β one-sided traces: their mean."""
     return StepTraces([(a + b) / 2 for a, b in zip(plus.neurons, minus.neurons)],
@@ -108,14 +87,15 @@ def ep_step_updates(model: EnergyModel, x: Tensor, free: State, target: Tensor, 
         raise ValueError(f"unknown GDU estimator {estimator!r}; choose one of {', '.join(EP_ESTIMATORS)}")
     if estimator == "one_sided_neg":
         beta = -beta
-    if estimator == "vf":
-        return _fixed_vf_traces(model, model.clamp(x), free, beta, target, k)
-    rule = "vf" if estimator == "c_vf" else "ep"
+    rule = "vf" if estimator in ("vf", "c_vf") else "ep"
+    vf_grads = vector_field_vjp
+    if estimator == "vf":  # one-sided VF: the pre-synaptic terms stay at s*
+        vf_grads = lambda m, c, _state, delta: vector_field_vjp(m, c, free, delta)  # noqa: E731
     if estimator in ("c_ep", "c_vf"):
         model = copy.deepcopy(model)
         lrs = layer_learning_rates(model, lr)
     else:
         lrs = [0.0] * len(model.trainable_parameters())
     result = continual_nudged_phase(model, model.clamp(x), free, beta, target, k, lrs, rule, record=True,
-                                    vf_grads=vector_field_vjp)
+                                    vf_grads=vf_grads)
     return StepTraces(_stack(result.neuron_steps), _stack(result.param_steps))

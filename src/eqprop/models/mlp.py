@@ -19,6 +19,12 @@ from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State, is_free
 
 
+def batch_outer(post: Tensor, pre: Tensor, batch: int) -> Tensor:
+    """``post^T pre / batch`` (a weight gradient's batch mean). The 1/batch is the matmul's
+    alpha (beta=0 ignores the input): BLAS scales the product instead of a second pass."""
+    return torch.addmm(post.new_zeros(()), post.t(), pre, beta=0.0, alpha=1.0 / batch)
+
+
 @dataclass
 class MLPClamped(Clamped):
     """:class:`Clamped` plus the constant terms of the fast step, already in σ's core units:
@@ -152,26 +158,23 @@ class PMLP(EnergyModel):
         return self.layers[n].weight
 
     def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
-        inv_batch = 1.0 / clamped.x.shape[0]
+        batch = clamped.x.shape[0]
         grads = []
         for n, s in enumerate(state):
             below = clamped.x if n == 0 else state[n - 1]
-            grads += [torch.mm(s.t(), below).mul_(inv_batch), s.mean(dim=0)]
+            grads += [batch_outer(s, below, batch), s.mean(dim=0)]
         return grads
 
     def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
         # ∂Φ/∂W_n = s^n (s^{n-1})^T is bilinear: the first layer's input x is the same in both
         # states, so (s2 - s1)^T x costs one matmul; deeper layers stack both states into one.
-        # The 1/B of the batch mean is addmm's alpha (beta=0 ignores the input): BLAS scales
-        # the product for free instead of a pass over the whole weight gradient. The bias
-        # gradient sums the same stacked difference (one reduction instead of two means).
-        inv_batch = 1.0 / clamped.x.shape[0]
+        # The bias gradient sums the same stacked difference (one reduction instead of two means).
+        batch = clamped.x.shape[0]
         grads = []
         for n, (s2, s1) in enumerate(zip(second, first)):
             if n == 0:
                 left, right = s2 - s1, clamped.x
             else:
                 left, right = torch.cat([s2, -s1]), torch.cat([second[n - 1], first[n - 1]])
-            weight = torch.addmm(left.new_zeros(()), left.t(), right, beta=0.0, alpha=inv_batch)
-            grads += [weight, left.sum(dim=0).mul_(inv_batch)]
+            grads += [batch_outer(left, right, batch), left.sum(dim=0).mul_(1.0 / batch)]
         return grads

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State
-from .mlp import PMLP
+from .mlp import PMLP, batch_outer
 
 BACKWARD_INITS = ("independent", "flipped")
 
@@ -162,6 +162,7 @@ class VectorFieldModel(EnergyModel):
         raise NotImplementedError
 
 
+
 class VFMLP(VectorFieldModel, PMLP):
     """Fully connected vector-field network (same arguments as :class:`PMLP` plus B's init).
 
@@ -182,10 +183,10 @@ class VFMLP(VectorFieldModel, PMLP):
 
     def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
         # W_n: δ^n (s^{n-1})^T; b_n: δ^n; B_{n+1}: δ^n (s^{n+1})^T (all batch means)
-        inv_batch = 1.0 / clamped.x.shape[0]
+        batch = clamped.x.shape[0]
         grads = []
         for n, d in enumerate(delta):
             below = clamped.x if n == 0 else state[n - 1]
-            grads += [torch.mm(d.t(), below).mul_(inv_batch), d.mean(dim=0)]
-        grads += [torch.mm(delta[n - 1].t(), state[n]).mul_(inv_batch) for n in range(1, len(delta))]
+            grads += [batch_outer(d, below, batch), d.mean(dim=0)]
+        grads += [batch_outer(delta[n - 1], state[n], batch) for n in range(1, len(delta))]
         return grads

@@ -45,7 +45,13 @@ class Generators:
     @classmethod
     def seeded(cls, seed: int, device: torch.device) -> "Generators":
         return cls(torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
-                   torch.Generator(device=device).manual_seed(seed + 3))
+                   torch.Generator(device=device).manual_seed(cls.model_seed(seed)))
+
+    @staticmethod
+    def model_seed(seed: int, epoch: int = 0) -> int:
+        """The seed of the model's (dropout) stream; a run moved to another device after
+        ``epoch`` re-seeds it with this, since device generator states do not carry over."""
+        return seed + 3 + epoch
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).get_state() for name in ("data", "estimator", "model")}
@@ -127,8 +133,9 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress,
                             angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
                             bf16_autocast=config.train.bf16_autocast)
-        with warnings.catch_warnings():  # estimators that move the weights themselves never call optimizer.step()
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        with warnings.catch_warnings():
+            if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             scheduler.step()
         test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1, estimator.run_phase)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
@@ -232,7 +239,7 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
         states = dict(checkpoint["generators"])
         if checkpoint.get("device", device.type) != device.type:
             states.pop("model")
-            generators.model.manual_seed(int(checkpoint["config"]["train"]["seed"]) + 3 + epoch)
+            generators.model.manual_seed(Generators.model_seed(int(checkpoint["config"]["train"]["seed"]), epoch))
         generators.restore(states)
         return epoch
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
