@@ -293,3 +293,12 @@ def test_gdu_cli_refuses_a_non_finite_beta(capsys):
     for value in ("nan", "inf", "-0.1"):
         assert main(["gdu", "--preset", "demo", "--beta", value]) == 2
         assert "finite number > 0" in capsys.readouterr().err
+
+
+def test_gdu_refuses_an_unknown_estimator_before_any_work(capsys):
+    model, x, target = tanh_mlp("ce")
+    with pytest.raises(ValueError, match="unknown GDU estimator nope"):
+        run_gdu(model, x, target, t1=10**9, k=2, beta=0.01, estimators=["nope"])   # would run for ever
+    from eqprop.cli import main
+    assert main(["gdu", "--preset", "demo", "--estimators", "nope"]) == 2
+    assert "unknown GDU estimator" in capsys.readouterr().err

@@ -64,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
     train.add_argument("--train-subset", type=int, help="train on the first N samples (data.train_subset)")
     train.add_argument("--test-subset", type=int, help="test on the first N samples (data.test_subset)")
-    train.add_argument("--seed", type=int, help="random seed (train.seed)")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     train.add_argument("--threads", type=int, help="CPU threads for torch (train.threads)")
     _add_data_arguments(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/NAME-TIMESTAMP)")
@@ -84,8 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: by model kind)")
     gdu.add_argument("--lr", type=_positive_float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
     gdu.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    gdu.add_argument("--seed", type=int, help="model init, batch and plotted units (default train.seed)")
-    gdu.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     gdu.add_argument("--checkpoint", type=Path, help="check the weights of a training checkpoint")
     gdu.add_argument("--out", type=Path, help="output folder (default runs/gdu-NAME-TIMESTAMP)")
     _add_data_arguments(gdu)
@@ -104,6 +100,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", type=Path, help="a YAML configuration file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change one setting, e.g. --set dynamics.beta=0.2 (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed: initialisation, data order, random draws (train.seed)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,12 +188,9 @@ def command_gdu(args: argparse.Namespace) -> int:
     config = resolve_config(args, base=base)
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
-    try:
-        result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
-                             estimators=estimators, data_dir=args.data_dir, download=args.download, seed=args.seed,
-                             lr=args.lr, dtype=args.dtype, checkpoint=args.checkpoint)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
+                         estimators=estimators, data_dir=args.data_dir, download=args.download,
+                         lr=args.lr, dtype=args.dtype, checkpoint=args.checkpoint)
     for name, summary in result["estimators"].items():
         layers = "  ".join(f"{layer} {m['rmse_mean']:.3g}" for layer, m in summary["layers"].items())
         print(f"{name:<14} angle {summary['angle_deg']:7.3f} deg   RMSE: {layers}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models.base import EnergyModel
+from ..models.base import Clamped, EnergyModel, State
 from .base import Estimate, Estimator, ep_difference, register
 
 
@@ -22,4 +22,9 @@ class OneSidedEP(Estimator):
         free = self.free_phase(model, clamped)
         beta = self.beta()
         nudged = self.nudged_phase(model, clamped, free, beta, target)
-        return Estimate(ep_difference(model, clamped, target, (free, 0.0), (nudged, beta)), free)
+        return Estimate(self.direction(model, clamped, target, free, nudged, beta), free)
+
+    def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, free: State, nudged: State,
+                  beta: float) -> list[Tensor]:
+        """∇̂ from the free and nudged steady states (subclasses change the rule, not the phases)."""
+        return ep_difference(model, clamped, target, (free, 0.0), (nudged, beta))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models.base import EnergyModel
+from ..models.base import Clamped, EnergyModel, State
 from .base import Estimate, Estimator, ep_difference, register
 
 
@@ -21,5 +21,10 @@ class SymmetricEP(Estimator):
         clamped = model.clamp(x)
         free = self.free_phase(model, clamped)
         plus, minus = self.symmetric_phases(model, clamped, free, target)
+        return Estimate(self.direction(model, clamped, target, plus, minus), free)
+
+    def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, plus: State,
+                  minus: State) -> list[Tensor]:
+        """∇̂ from the +β and -β steady states (subclasses change the rule, not the phases)."""
         beta = self.phases.beta
-        return Estimate(ep_difference(model, clamped, target, (minus, -beta), (plus, beta)), free)
+        return ep_difference(model, clamped, target, (minus, -beta), (plus, beta))

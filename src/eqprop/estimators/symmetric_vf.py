@@ -19,34 +19,28 @@ estimate but not the biases'.)
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..models.vf import VectorFieldModel
-from .base import Estimate, Estimator, ep_difference, head_difference, register
+from .base import head_difference, register
+from .symmetric import SymmetricEP
 from .vf import vector_field_grads
 
 
-def symmetric_vf_direction(model: EnergyModel, clamped: Clamped, target: Tensor, plus: State,
-                           minus: State, beta: float) -> list[Tensor]:
-    """Eq. 20 for every trainable parameter (the head: its symmetric EP update)."""
-    if not isinstance(model, VectorFieldModel):
-        return ep_difference(model, clamped, target, (minus, -beta), (plus, beta))
-    grads = [a.sub_(b).mul_(0.5 / beta) for a, b in zip(vector_field_grads(model, clamped, plus, plus),
-                                                           vector_field_grads(model, clamped, minus, minus))]
-    return grads + head_difference(model, target, (minus, -beta), (plus, beta))
-
-
 @register("symmetric_vf")
-class SymmetricVF(Estimator):
+class SymmetricVF(SymmetricEP):
     """Three phases (free, +β, -β from s*), eq. 20 per forward and backward parameter."""
 
     models = "any"
 
-    @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        clamped = model.clamp(x)
-        free = self.free_phase(model, clamped)
-        plus, minus = self.symmetric_phases(model, clamped, free, target)
-        return Estimate(symmetric_vf_direction(model, clamped, target, plus, minus, self.phases.beta), free)
+    def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, plus: State,
+                  minus: State) -> list[Tensor]:
+        """Eq. 20 for every trainable parameter (the head: its symmetric EP update); on a
+        prototypical model eq. 20 is symmetric EP (module docstring)."""
+        if not isinstance(model, VectorFieldModel):
+            return super().direction(model, clamped, target, plus, minus)
+        beta = self.phases.beta
+        grads = [a.sub_(b).mul_(0.5 / beta) for a, b in zip(vector_field_grads(model, clamped, plus, plus),
+                                                               vector_field_grads(model, clamped, minus, minus))]
+        return grads + head_difference(model, target, (minus, -beta), (plus, beta))

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..models.vf import VectorFieldModel
-from .base import Estimate, Estimator, head_difference, register
+from .base import head_difference, register
+from .one_sided import OneSidedEP
 
 
 def vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
@@ -43,17 +44,14 @@ def vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta
 
 
 @register("vf")
-class VectorFieldEstimator(Estimator):
-    """The conventional VF rule: post-synaptic change times pre-synaptic free state."""
+class VectorFieldEstimator(OneSidedEP):
+    """The conventional VF rule: post-synaptic change times pre-synaptic free state (the
+    phases of one-sided EP)."""
 
     models = "any"
 
-    @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        clamped = model.clamp(x)
-        free = self.free_phase(model, clamped)
-        beta = self.phases.beta
-        nudged = self.nudged_phase(model, clamped, free, beta, target)
+    def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, free: State, nudged: State,
+                  beta: float) -> list[Tensor]:
         delta = [b - a for a, b in zip(free, nudged)]
         grads = [g.mul_(1.0 / beta) for g in vector_field_grads(model, clamped, free, delta)]
-        return Estimate(grads + head_difference(model, target, (free, 0.0), (nudged, beta)), free)
+        return grads + head_difference(model, target, (free, 0.0), (nudged, beta))

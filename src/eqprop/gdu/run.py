@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..atomic import atomic_write_text
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..dynamics import run_phase
 from ..estimators.base import Estimator, Phases
 from ..estimators.bptt import BPTT
 from ..models.base import EnergyModel
 from .bptt_steps import bptt_step_grads
-from .ep_steps import ep_step_updates, symmetric_traces
+from .ep_steps import EP_ESTIMATORS, ep_step_updates, symmetric_traces
 from .metrics import angle_deg, layer_metrics
 from .plots import plot_rmse, plot_traces
 
@@ -77,18 +77,22 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
     With ``out_dir``: ``gdu.json``, ``gdu_traces.png`` and ``gdu_rmse.png``.
     The model is left unchanged; the check runs in eval mode (no dropout).
     """
+    # arguments are checked before any work; ConfigError (a ValueError) is a usage error in the CLI
     if k < 1 or t1 < k:
-        raise ValueError(f"need 1 <= K <= T1, got K={k}, T1={t1}")
-    if beta <= 0:
-        raise ValueError(f"β must be > 0 (the check nudges at +β and -β), got {beta}")
+        raise ConfigError(f"need 1 <= K <= T1, got K={k}, T1={t1}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"β must be a finite number > 0 (the check nudges at +β and -β), got {beta}")
     vf_model = model.is_vector_field
     if estimators is None:
         estimators = VF_MODEL_ESTIMATORS if vf_model else P_MODEL_ESTIMATORS
     estimators = list(dict.fromkeys(estimators))
+    unknown = [e for e in estimators if e not in EP_ESTIMATORS]
+    if unknown:
+        raise ConfigError(f"unknown GDU estimator {', '.join(unknown)}; choose among {', '.join(EP_ESTIMATORS)}")
     if vf_model:
         bad = [e for e in estimators if e not in VF_MODEL_ESTIMATORS]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: a vector-field model has no Φ; use {', '.join(VF_MODEL_ESTIMATORS)}")
+            raise ConfigError(f"{', '.join(bad)}: a vector-field model has no Φ; use {', '.join(VF_MODEL_ESTIMATORS)}")
     was_training = model.training
     model.eval()
     try:
