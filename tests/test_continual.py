@@ -429,7 +429,8 @@ def test_telescoped_first_layer_with_other_activations_and_rates(kind, activatio
 
 @pytest.mark.parametrize("kind, loss", [("c_ep", "mse"), ("c_vf", "ce")])
 def test_telescoped_first_layer_clamps_once_and_ends_with_the_refreshed_drive(kind, loss):
-    from eqprop.estimators.continual import first_layer_telescopes, model_vector_field_grads
+    from eqprop.estimators.continual import first_layer_telescopes
+    from eqprop.estimators.vf import vector_field_grads
     model, x, target = fc_model(kind, loss)
     reference = copy.deepcopy(model)
     rule = "ep" if kind == "c_ep" else "vf"
@@ -466,7 +467,7 @@ def test_telescoped_first_layer_clamps_once_and_ends_with_the_refreshed_drive(ki
         assert len(clamps) == 3
         if rule == "vf":
             continual_nudged_phase(model, clamp(x), free, 0.1, target, 2, lrs, rule,
-                                   vf_grads=lambda *args: model_vector_field_grads(*args))
+                                   vf_grads=lambda *args: vector_field_grads(*args))
             assert len(clamps) == 5
 
 

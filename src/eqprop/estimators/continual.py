@@ -67,19 +67,11 @@ from torch import Tensor
 from ..models.base import Clamped, EnergyModel, State
 from ..models.mlp import MLPClamped, PMLP
 from .base import Estimate, Estimator, Phases, register
+from .vf import vector_field_grads
 
 Rule = Literal["ep", "vf"]
 #: ``(model, clamped, state, delta) -> (∂u/∂θ(state))^T · delta`` for the non-head parameters
 VectorFieldGrads = Callable[[EnergyModel, Clamped, State, State], list[Tensor]]
-
-
-def model_vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
-    """The model's closed-form ``vector_field_grads`` (vector-field models); TypeError otherwise."""
-    grads = getattr(model, "vector_field_grads", None)
-    if grads is None:
-        raise TypeError(f"{type(model).__name__} has no vector_field_grads: the continual VF rule "
-                        "needs a vector-field (unidirectional) model")
-    return grads(clamped, state, delta)
 
 
 @dataclasses.dataclass
@@ -102,7 +94,7 @@ class ContinualResult:
 def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, beta: float,
                            target: Tensor, steps: int, lrs: Sequence[float], rule: Rule = "ep",
                            record: bool = False,
-                           vf_grads: VectorFieldGrads = model_vector_field_grads,
+                           vf_grads: VectorFieldGrads = vector_field_grads,
                            telescope: bool = True) -> ContinualResult:
     """Run ``steps`` nudged steps from ``state`` moving the weights at every step (module docstring).
 
@@ -122,7 +114,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     lrs = [float(lr) for lr in lrs]
     if len(lrs) != len(params):
         raise ValueError(f"{len(lrs)} learning rates for {len(params)} trainable parameters")
-    if (telescope and not record and (rule == "ep" or vf_grads is model_vector_field_grads)
+    if (telescope and not record and (rule == "ep" or vf_grads is vector_field_grads)
             and first_layer_telescopes(model, clamped)):
         return telescoped_first_layer(model, clamped, state, beta, target, steps, lrs, rule)
     moving = any(lr != 0.0 for lr in lrs)
@@ -150,7 +142,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
 
 
 def step_updates(model: EnergyModel, clamped: Clamped, nxt: State, state: State, beta: float, target: Tensor,
-                 t: int, rule: Rule, vf_grads: VectorFieldGrads = model_vector_field_grads) -> list[Tensor]:
+                 t: int, rule: Rule, vf_grads: VectorFieldGrads = vector_field_grads) -> list[Tensor]:
     """``β · Δ_θ(t)`` for every trainable parameter, from ``state`` = s_t to ``nxt`` = s_{t+1} (module doc)."""
     if rule == "ep":
         updates = list(model.param_grads_difference(clamped, nxt, state))

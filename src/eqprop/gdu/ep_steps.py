@@ -16,8 +16,8 @@ For t = 1..K (the t-th nudged step, ``s^β_0 = s*``):
 The head's ``G_β`` starts from its free value 0 (``β_0 = 0``, as in
 :mod:`eqprop.estimators.continual`), so every trace sums to its estimator's
 estimate (one-sided, symmetric, VF; C-EP/C-VF: total update / η).
-VF rules use the model's ``vector_field_grads``; a model without it (P-models)
-gets the same quantity by autograd (:func:`vector_field_vjp`).
+VF rules use :func:`~eqprop.estimators.vf.vector_field_grads`: the model's
+closed form, or double autograd of Φ for a prototypical model.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..estimators.continual import continual_nudged_phase, layer_learning_rates
-from ..models.base import Clamped, EnergyModel, State
+from ..estimators.vf import vector_field_grads
+from ..models.base import EnergyModel, State
 
 EP_ESTIMATORS = ("one_sided", "one_sided_neg", "symmetric", "c_ep", "vf", "c_vf")
 
@@ -40,27 +41,6 @@ class StepTraces:
 
     neurons: list[Tensor]
     params: list[Tensor]
-
-
-def vector_field_vjp(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
-    """``(∂u/∂θ(state))^T · delta``, batch mean, for the non-head parameters.
-
-    The model's closed form ``vector_field_grads`` when it has one, else
-    autograd through :meth:`preactivations` (analysis only).
-    """
-    closed = getattr(model, "vector_field_grads", None)
-    if closed is not None:
-        return closed(clamped, state, delta)
-    head_ids = {id(p) for p in model.head.parameters()}
-    body = [p for p in model.trainable_parameters() if id(p) not in head_ids]
-    batch = clamped.x.shape[0]
-    with torch.enable_grad():
-        fresh = model.clamp(clamped.x)
-        if hasattr(clamped, "mask"):
-            fresh.mask = clamped.mask
-        pre = model.preactivations(fresh, [s.detach() for s in state])
-        grads = torch.autograd.grad(pre, body, grad_outputs=[d / batch for d in delta], allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(body, grads)]
 
 
 def _stack(steps: list[list[Tensor]]) -> list[Tensor]:
@@ -88,9 +68,9 @@ def ep_step_updates(model: EnergyModel, x: Tensor, free: State, target: Tensor, 
     if estimator == "one_sided_neg":
         beta = -beta
     rule = "vf" if estimator in ("vf", "c_vf") else "ep"
-    vf_grads = vector_field_vjp
+    vf_grads = vector_field_grads
     if estimator == "vf":  # one-sided VF: the pre-synaptic terms stay at s*
-        vf_grads = lambda m, c, _state, delta: vector_field_vjp(m, c, free, delta)  # noqa: E731
+        vf_grads = lambda m, c, _state, delta: vector_field_grads(m, c, free, delta)  # noqa: E731
     if estimator in ("c_ep", "c_vf"):
         model = copy.deepcopy(model)
         lrs = layer_learning_rates(model, lr)
