@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
 from eqprop.cuda_graphs import PhaseGraphs
+from eqprop.training.trainer import place_model
 from eqprop.presets import load_preset, preset_names
 
 
@@ -32,7 +33,9 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     is the least disturbed by other work and stolen CPU time)."""
     config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name})})
     dtype = build.DTYPES[config.train.dtype]
-    model = build.build_model(config).to(device=device, dtype=dtype)
+    # placed and configured as a training run is: dtype, layout, TF32 on CUDA
+    model = place_model(build.build_model(config), config, device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.train.tf32
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
     if compile_phases:
         estimator.compile()

@@ -165,11 +165,11 @@ def test_gradient_angle_is_logged_every_n_batches(tmp_path):
                                                (False, torch.contiguous_format)])
 def test_conv_models_are_placed_channels_last_on_the_cpu_by_default(setting, expected):
     from eqprop import build
-    from eqprop.training.trainer import _place
+    from eqprop.training.trainer import place_model
     data = load_preset("cifar10-small")
     data["train"]["channels_last"] = setting
     config = validate_config(data)
-    model = _place(build.build_model(config), config, torch.device("cpu"))
+    model = place_model(build.build_model(config), config, torch.device("cpu"))
     assert model.memory_format() == expected
 
 

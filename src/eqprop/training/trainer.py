@@ -104,7 +104,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
 
     model = build.build_model(config)
     build.check_model_fits_data(config, model, train_data)
-    model = _place(model, config, device)
+    model = place_model(model, config, device)
     generators = Generators.seeded(config.train.seed, device)
     model.dropout_generator = generators.model
     estimator = build.build_estimator_from(config, generators.estimator)
@@ -190,7 +190,7 @@ def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
     return run_phase
 
 
-def _place(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
+def place_model(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
     """Move the model to the run's device, dtype and (conv models) memory layout."""
     model = model.to(device=device, dtype=build.DTYPES[config.train.dtype])
     channels_last = config.train.channels_last
@@ -267,7 +267,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
-    model = _place(model, config, run_device)
+    model = place_model(model, config, run_device)
     loader = build.build_loader(config, test_data, False, run_device, None)
     loss, error = evaluate(model, loader, config.dynamics.t1, phase_runner(config, run_device))
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}
