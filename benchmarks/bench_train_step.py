@@ -21,17 +21,20 @@ import torch.nn.functional as F
 
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
-from eqprop.cuda_graphs import PhaseGraphs
-from eqprop.training.trainer import place_model
+from eqprop.training.trainer import phase_runner, place_model
 from eqprop.presets import load_preset, preset_names
 
 
 def time_steps(config: RunConfig, estimator_name: str, device: torch.device, steps: int, warmup: int,
-               compile_phases: bool = False, cuda_graphs: bool = False, repeats: int = 1) -> float:
+               compile_phases: bool = False, cuda_graphs: bool = False, repeats: int = 1,
+               cpu_kernels: bool = False, kernel_threads: int | None = None) -> float:
     """Seconds per training step of ``config`` with the estimator ``estimator_name``: the fastest
     of ``repeats`` timed blocks of ``steps`` steps (on a shared or virtual machine, the minimum
     is the least disturbed by other work and stolen CPU time)."""
-    config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name})})
+    train = config.train.model_copy(update={"compile": compile_phases, "cuda_graphs": cuda_graphs,
+                                            "cpu_kernels": cpu_kernels, "cpu_kernel_threads": kernel_threads})
+    config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name}),
+                                       "train": train})
     dtype = build.DTYPES[config.train.dtype]
     # placed and configured as a training run is: dtype, layout, TF32 on CUDA
     model = place_model(build.build_model(config), config, device)
@@ -39,8 +42,7 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
     if compile_phases:
         estimator.compile()
-    if cuda_graphs:
-        estimator.run_phase = PhaseGraphs()
+    estimator.run_phase = phase_runner(config, device)  # as training runs them
     optimizer = build.build_optimizer(config.optim, model)
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)
@@ -89,6 +91,9 @@ def main() -> None:
                                                                 "(timed after the warm-up, which compiles)")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay every phase as a CUDA graph "
                                                                     "(BPTT's recorded steps stay eager)")
+    parser.add_argument("--cpu-kernels", action="store_true", help="CPU: run the phases of fully connected "
+                                                                    "models in eqprop's C kernel")
+    parser.add_argument("--kernel-threads", type=int, help="threads of the C kernel (default: every core)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,12 +106,13 @@ def main() -> None:
         config = validate_config(load_preset(name))
         steps = args.steps if config.model.kind == "mlp" else max(1, args.steps // 20)
         ep = time_steps(config, config.estimator.name, device, steps, args.warmup, args.compile, args.cuda_graphs,
-                        args.repeats)
+                        args.repeats, args.cpu_kernels, args.kernel_threads)
         bptt = time_steps(config, "bptt", device, steps, args.warmup, cuda_graphs=args.cuda_graphs,
-                          repeats=args.repeats)
+                          repeats=args.repeats, cpu_kernels=args.cpu_kernels, kernel_threads=args.kernel_threads)
         batch = config.train.batch_size
         row = {"preset": name, "estimator": config.estimator.name, "compiled": args.compile,
-               "cuda_graphs": args.cuda_graphs, "batch_size": batch,
+               "cuda_graphs": args.cuda_graphs, "cpu_kernels": args.cpu_kernels,
+               "kernel_threads": args.kernel_threads, "batch_size": batch,
                "t1": config.dynamics.t1, "t2": config.dynamics.t2,
                "ep_seconds_per_step": ep, "ep_samples_per_second": batch / ep,
                "bptt_seconds_per_step": bptt, "bptt_samples_per_second": batch / bptt,

@@ -73,9 +73,12 @@ def test_param_grads_difference_equals_difference_of_param_grads(sizes):
     model, x, state, _ = random_setup(sizes, "mse")
     other = [torch.rand_like(s) for s in state]
     clamped = model.clamp(x)
-    expected = EnergyModel.param_grads_difference(model, clamped, other, state)
-    for c, e in zip(model.param_grads_difference(clamped, other, state), expected):
-        torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12)
+    expected = [a - b for a, b in zip(model.param_grads(clamped, other), model.param_grads(clamped, state))]
+    for scale in (1.0, -2.5):
+        for c, e in zip(model.param_grads_difference(clamped, other, state, scale), expected):
+            torch.testing.assert_close(c, scale * e, rtol=1e-12, atol=1e-12)
+        for c, e in zip(EnergyModel.param_grads_difference(model, clamped, other, state, scale), expected):
+            torch.testing.assert_close(c, scale * e, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["scaled_sigmoid", "hard_sigmoid", "half_hard_sigmoid", "tanh"])

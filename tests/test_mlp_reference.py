@@ -1,4 +1,5 @@
-"""The P-MLP reproduces the authors' code (reference case mlp2_mse_hardsig)."""
+"""The P-MLP reproduces the authors' code (reference case mlp2_mse_hardsig), its phases run
+by PyTorch and by eqprop's C kernel."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_vectors
+from eqprop.cpu_kernels import KernelPhases
 from eqprop.dynamics import run_phase
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models import PMLP
@@ -35,16 +37,22 @@ def case(request):
     return load_vectors(CASE, pure_f64=pure), (1e-12, 1e-9) if pure else (1e-6, 1e-5)
 
 
-def test_states_match_reference(case):
+@pytest.fixture(params=["torch", "kernel"])
+def runner(request):
+    """What runs the phases: PyTorch's steps, or the C kernel on three threads."""
+    return run_phase if request.param == "torch" else KernelPhases(threads=3)
+
+
+def test_states_match_reference(case, runner):
     arrays, (state_tol, _) = case
     model = reference_model(arrays)
     x = torch.from_numpy(arrays["x"])
     target = F.one_hot(torch.from_numpy(arrays["y"]), 10).double()
     clamped = model.clamp(x)
     with torch.no_grad():
-        free = run_phase(model, clamped, model.init_state(x), PHASES.t1)
-        plus = run_phase(model, clamped, free, PHASES.t2, PHASES.beta, target)
-        minus = run_phase(model, clamped, free, PHASES.t2, -PHASES.beta, target)
+        free = runner(model, clamped, model.init_state(x), PHASES.t1)
+        plus = runner(model, clamped, free, PHASES.t2, PHASES.beta, target)
+        minus = runner(model, clamped, free, PHASES.t2, -PHASES.beta, target)
     for name, state in [("free", free), ("plus", plus), ("minus", minus)]:
         for i, s in enumerate(state):
             assert relative_error(s, arrays[f"neurons_{name}/{i}"]) < state_tol, (name, i)
@@ -53,12 +61,14 @@ def test_states_match_reference(case):
 
 
 @pytest.mark.parametrize("estimator", ["one_sided", "symmetric", "bptt"])
-def test_gradients_match_reference(case, estimator):
+def test_gradients_match_reference(case, estimator, runner):
     arrays, (_, grad_tol) = case
     model = reference_model(arrays)
     x = torch.from_numpy(arrays["x"])
     target = F.one_hot(torch.from_numpy(arrays["y"]), 10).double()
-    build_estimator(estimator, PHASES).fill_grads(model, x, target)
+    chosen = build_estimator(estimator, PHASES)
+    chosen.run_phase = runner
+    chosen.fill_grads(model, x, target)
     names = [f"synapses.{k}.{kind}" for k in range(3) for kind in ("weight", "bias")]
     for name, p in zip(names, model.trainable_parameters()):
         assert relative_error(p.grad, arrays[f"grad_{estimator}/{name}"]) < grad_tol, name

@@ -173,15 +173,29 @@ def test_conv_models_are_placed_channels_last_on_the_cpu_by_default(setting, exp
     assert model.memory_format() == expected
 
 
-def test_phases_are_graphed_only_on_cuda_and_never_with_compile():
+def test_phase_runner_follows_device_and_settings():
+    from eqprop.cpu_kernels import KernelPhases
     from eqprop.cuda_graphs import PhaseGraphs
     from eqprop.dynamics import run_phase
     from eqprop.training.trainer import phase_runner
-    cuda = torch.device("cuda")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert isinstance(phase_runner(small_config(), cuda), PhaseGraphs)   # constructing needs no GPU
-    assert phase_runner(small_config(), torch.device("cpu")) is run_phase
     assert phase_runner(small_config(train={"cuda_graphs": False}), cuda) is run_phase
     assert phase_runner(small_config(train={"compile": True}), cuda) is run_phase
+    kernel = phase_runner(small_config(train={"cpu_kernel_threads": 3}), cpu)
+    assert isinstance(kernel, KernelPhases) and kernel.threads == 3
+    assert phase_runner(small_config(train={"cpu_kernels": False}), cpu) is run_phase
+    assert phase_runner(small_config(train={"compile": True}), cpu) is run_phase
+
+
+def test_kernel_run_follows_the_pytorch_run(tmp_path):
+    """The C kernel's training run stays on the PyTorch run's path (float64: rounding only)."""
+    runs = [train(small_config(train={"dtype": "float64", "cpu_kernels": on}), tmp_path / str(on), log=quiet)
+            for on in (True, False)]
+    for kernel, eager in zip(*runs):
+        assert kernel["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-9)
+        assert kernel["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-9)
+        assert kernel["test_error"] == eager["test_error"]
 
 
 def test_a_collapse_to_chance_is_reported_with_the_best_epoch():

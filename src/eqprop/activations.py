@@ -20,7 +20,9 @@ class Activation:
     already does (``addmm``'s alpha/beta, a shifted bias), so a step costs one
     elementwise call per layer instead of three. ``core_`` is ``core`` applied in
     place (and returning its argument): a step that owns its preactivations
-    overwrites them instead of allocating the new state.
+    overwrites them instead of allocating the new state. ``kernel_core`` names
+    ``core`` for eqprop's C kernel (:mod:`eqprop.cpu_kernels`): "sigmoid",
+    "clamp01", or None where the kernel does not implement it.
     """
 
     name: str
@@ -31,6 +33,7 @@ class Activation:
     core_: Callable[[Tensor], Tensor]
     scale: float = 1.0
     shift: float = 0.0
+    kernel_core: str | None = None
 
 
 def _scaled_sigmoid(u: Tensor) -> Tensor:
@@ -71,12 +74,12 @@ ACTIVATIONS: dict[str, Activation] = {
     for a in (
         Activation("scaled_sigmoid", _scaled_sigmoid, _scaled_sigmoid_derivative,
                    "1/(1+exp(-4(u-0.5))), the C-EP paper and Laborieux's MNIST runs",
-                   torch.sigmoid, torch.sigmoid_, scale=4.0, shift=0.5),
+                   torch.sigmoid, torch.sigmoid_, scale=4.0, shift=0.5, kernel_core="sigmoid"),
         Activation("hard_sigmoid", _hard_sigmoid, _hard_sigmoid_derivative,
-                   "clamp(u, 0, 1)", _hard_sigmoid, _hard_sigmoid_),
+                   "clamp(u, 0, 1)", _hard_sigmoid, _hard_sigmoid_, kernel_core="clamp01"),
         Activation("half_hard_sigmoid", _half_hard_sigmoid, _half_hard_sigmoid_derivative,
                    "clamp(u/2, 0, 1), Laborieux's CIFAR-10 ConvNets", _hard_sigmoid,
-                   _hard_sigmoid_, scale=0.5),
+                   _hard_sigmoid_, scale=0.5, kernel_core="clamp01"),
         Activation("tanh", torch.tanh, _tanh_derivative, "tanh(u), the C-EP paper's GDU check", torch.tanh,
                    torch.tanh_),
     )

@@ -194,6 +194,13 @@ class TrainConfig(Strict):
     cuda_graphs: bool = Field(True, description="CUDA only: capture each phase once as a CUDA graph and "
                                                 "replay it (one launch per phase instead of one per kernel; "
                                                 "not combined with compile)")
+    cpu_kernels: bool = Field(True, description="CPU: run the phases of fully connected models (P-MLP or VF-MLP, "
+                                                "squared-error loss, sigmoid or hard-sigmoid activation) in "
+                                                "eqprop's C kernel, built on first use with the system's C "
+                                                "compiler; other models, or no compiler: PyTorch")
+    cpu_kernel_threads: PositiveInt | None = Field(
+        None, description="threads of the C kernel, each taking a share of the batch (None: every core this "
+                          "process may use); PyTorch's own ops keep train.threads")
     bf16_autocast: bool = Field(False, description="run the phases under bfloat16 autocast (faster on GPUs; "
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..user_cache import user_cache_folder
+
 DATA_ENV_VAR = "EQPROP_DATA"
 
 
@@ -23,6 +25,4 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None) -> Path:
     from_env = os.environ.get(DATA_ENV_VAR)
     if from_env:
         return Path(from_env).expanduser()
-    xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
-    cache = Path(xdg_cache) if os.path.isabs(xdg_cache) else Path.home() / ".cache"
-    return cache / "eqprop" / "data"
+    return user_cache_folder("data")

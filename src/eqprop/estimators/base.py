@@ -135,7 +135,7 @@ def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,
     head's parameters (if any) the difference of their ``-βℓ`` gradients.
     """
     (s1, b1), (s2, b2) = first, second
-    grads = [g.mul_(1.0 / (b2 - b1)) for g in model.param_grads_difference(clamped, s2, s1)]
+    grads = model.param_grads_difference(clamped, s2, s1, 1.0 / (b2 - b1))
     return grads + head_difference(model, target, first, second)
 
 

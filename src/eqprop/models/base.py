@@ -130,10 +130,12 @@ class EnergyModel(nn.Module):
             grads = torch.autograd.grad(phi, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
-    def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
-        """``G(second) - G(first)``: what every EP estimate needs (override to share work,
-        e.g. the clamped input is the same in both states)."""
-        return [a - b for a, b in zip(self.param_grads(clamped, second), self.param_grads(clamped, first))]
+    def param_grads_difference(self, clamped: Clamped, second: State, first: State,
+                               scale: float = 1.0) -> list[Tensor]:
+        """``scale · (G(second) - G(first))``: what every EP estimate needs (override to share
+        work, e.g. the clamped input is the same in both states, or to fold ``scale`` into it)."""
+        return [(a - b).mul_(scale) for a, b in zip(self.param_grads(clamped, second),
+                                                    self.param_grads(clamped, first))]
 
     def nudged_param_grads(self, clamped: Clamped, state: State, beta: float,
                            target: Tensor) -> list[Tensor]:

@@ -19,10 +19,10 @@ from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State, is_free
 
 
-def batch_outer(post: Tensor, pre: Tensor, batch: int) -> Tensor:
-    """``post^T pre / batch`` (a weight gradient's batch mean). The 1/batch is the matmul's
-    alpha (beta=0 ignores the input): BLAS scales the product instead of a second pass."""
-    return torch.addmm(post.new_zeros(()), post.t(), pre, beta=0.0, alpha=1.0 / batch)
+def batch_outer(post: Tensor, pre: Tensor, batch: int, scale: float = 1.0) -> Tensor:
+    """``scale · post^T pre / batch`` (a weight gradient's batch mean). The factor is the
+    matmul's alpha (beta=0 ignores the input): BLAS scales the product instead of a second pass."""
+    return torch.addmm(post.new_zeros(()), post.t(), pre, beta=0.0, alpha=scale / batch)
 
 
 @dataclass
@@ -165,7 +165,8 @@ class PMLP(EnergyModel):
             grads += [batch_outer(s, below, batch), s.mean(dim=0)]
         return grads
 
-    def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
+    def param_grads_difference(self, clamped: Clamped, second: State, first: State,
+                               scale: float = 1.0) -> list[Tensor]:
         # ∂Φ/∂W_n = s^n (s^{n-1})^T is bilinear: the first layer's input x is the same in both
         # states, so (s2 - s1)^T x costs one matmul; deeper layers stack both states into one.
         # The bias gradient sums the same stacked difference (one reduction instead of two means).
@@ -176,5 +177,5 @@ class PMLP(EnergyModel):
                 left, right = s2 - s1, clamped.x
             else:
                 left, right = torch.cat([s2, -s1]), torch.cat([second[n - 1], first[n - 1]])
-            grads += [batch_outer(left, right, batch), left.sum(dim=0).mul_(1.0 / batch)]
+            grads += [batch_outer(left, right, batch, scale), left.sum(dim=0).mul_(scale / batch)]
         return grads

@@ -154,7 +154,8 @@ class VectorFieldModel(EnergyModel):
         raise TypeError(f"{type(self).__name__} has no ∂Φ/∂θ (no primitive Φ); the EP estimators do not apply, "
                         "use vector_field_grads (estimators vf, symmetric_vf, kp_vf, c_vf)")
 
-    def param_grads_difference(self, clamped: Clamped, second: State, first: State) -> list[Tensor]:
+    def param_grads_difference(self, clamped: Clamped, second: State, first: State,
+                               scale: float = 1.0) -> list[Tensor]:
         return self.param_grads(clamped, second)
 
     def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:

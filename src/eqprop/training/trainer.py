@@ -22,6 +22,7 @@ from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
+from ..cpu_kernels import KernelPhases
 from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
 from ..dynamics import PhaseRunner, run_phase
@@ -111,6 +112,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     if config.train.compile:
         estimator.compile()
     estimator.run_phase = phase_runner(config, device)
+    if isinstance(estimator.run_phase, KernelPhases):
+        estimator.run_phase.prepare(model)
     optimizer = build.build_optimizer(config.optim, model)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
@@ -184,9 +187,14 @@ def collapse_warning(records: list[dict[str, Any]]) -> str | None:
 
 
 def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
-    """CUDA graphs where they apply (on CUDA, configured, phases not compiled), else eager phases."""
-    if config.train.cuda_graphs and device.type == "cuda" and not config.train.compile:
+    """What runs the phases: CUDA graphs on CUDA, eqprop's C kernel on the CPU (each where
+    configured and the phases are not compiled), else PyTorch's eager steps."""
+    if config.train.compile:
+        return run_phase
+    if config.train.cuda_graphs and device.type == "cuda":
         return PhaseGraphs()
+    if config.train.cpu_kernels and device.type == "cpu":
+        return KernelPhases(config.train.cpu_kernel_threads)
     return run_phase
 
 

@@ -1,0 +1,82 @@
+"""Training epochs of a preset, timed as `eqprop train` times them, under several settings.
+
+Runs one epoch (or ``--epochs``) of the preset per variant and repeat, the
+variants alternating so that a change in the machine's load hits them alike,
+and reports ``epoch_seconds`` (training only) with the test error. On Linux
+it also reports the CPU time the hypervisor took from this virtual machine
+during each run (``steal`` in /proc/stat), which makes epoch times on a shared
+machine readable.
+
+    python benchmarks/bench_epoch.py --preset laborieux-mnist --data-dir ../shared/data \\
+        --variants kernel eager --repeats 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from eqprop.config import validate_config
+from eqprop.presets import load_preset
+from eqprop.training.trainer import train
+
+#: each variant's changes to the preset's ``train`` section
+VARIANTS = {
+    "kernel": {"cpu_kernels": True},
+    "kernel-1-thread": {"cpu_kernels": True, "cpu_kernel_threads": 1},
+    "eager": {"cpu_kernels": False},
+}
+
+
+def stolen_seconds() -> float | None:
+    """CPU seconds taken by the hypervisor so far, all cores together (Linux; else None)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="laborieux-mnist")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--variants", nargs="+", default=["kernel", "eager"], choices=sorted(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'variant':<18}{'run':>4}{'epoch':>6}{'seconds':>9}{'steal s':>9}{'test error':>12}")
+    for repeat in range(1, args.repeats + 1):
+        for variant in args.variants:
+            data = load_preset(args.preset)
+            data["train"].update(epochs=args.epochs, device=args.device, **VARIANTS[variant])
+            config = validate_config(data)
+            with tempfile.TemporaryDirectory() as out:
+                before, start = stolen_seconds(), time.perf_counter()
+                records = train(config, Path(out) / "run", data_dir=args.data_dir, log=lambda _: None)
+                wall = time.perf_counter() - start
+                after = stolen_seconds()
+            steal = None if before is None or after is None else after - before
+            for record in records:
+                rows.append({"variant": variant, "repeat": repeat, "epoch": record["epoch"],
+                             "epoch_seconds": record["epoch_seconds"], "test_error": record["test_error"],
+                             "run_wall_seconds": wall, "run_steal_seconds": steal})
+                print(f"{variant:<18}{repeat:>4}{record['epoch']:>6}{record['epoch_seconds']:>9.2f}"
+                      f"{'' if steal is None else f'{steal:.2f}':>9}{100 * record['test_error']:>11.2f}%")
+    if args.json:
+        meta = {"preset": args.preset, "device": args.device, "torch": torch.__version__,
+                "machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+/*
+ * Whole phases of the P-MLP dynamics in one call (eqprop.cpu_kernels).
+ *
+ * One synchronous step of PMLP.step, for every layer n of the state:
+ *
+ *     u_n = offset_n + scale * (W_n s_{n-1} + s_{n+1} @ top_down_n)
+ *     s_n = core(u_n)
+ *
+ * with the first layer's offset per sample (its drive, W_1 x + b_1, folded with
+ * the activation's scale and shift) and the others' per unit, and on the last
+ * layer the squared-error nudge beta_b (target - s_last) added inside core
+ * (times scale) or after it. Built once with REAL = float, once with
+ * REAL = double (-DEQPROP_DOUBLE).
+ *
+ * Why: a PyTorch step of a 784-512-10 network is four small kernels, each far
+ * from the hardware's speed at these shapes, plus the interpreter between
+ * them. Here a phase of T steps is one call that keeps the batch's state in
+ * cache, with the batch's rows split across threads (samples are independent,
+ * so the threads never wait for each other).
+ *
+ * NaN and inf propagate as in PyTorch: no fast-math, and every clamp is a
+ * comparison that a NaN fails.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef EQPROP_DOUBLE
+typedef double REAL;
+#define LANES 4
+#else
+typedef float REAL;
+#define LANES 8
+#endif
+
+#define CORE_SIGMOID 0
+#define CORE_CLAMP01 1
+
+#ifndef EQPROP_DOUBLE
+/* exp(x) for float: Cody-Waite reduction to |f| <= ln2/2 and Cephes' degree-7 polynomial
+ * (about 1 ulp), written without branches or library calls so that the compiler vectorizes the
+ * loop that calls it. x is clamped to [-87, 87]: 2^n stays a normal float, and so does the
+ * sigmoid 1/(1 + exp(87)) = 1.6e-38 of a unit far below threshold. PyTorch's sigmoid returns a
+ * subnormal number there (or 0), which is no closer to anything that matters and makes every
+ * later product with it many times slower on x86 processors. */
+static inline float exp_real(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 87.0f ? 87.0f : x;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float r = x * 1.44269504088896341f + magic;
+    uint32_t bits;
+    memcpy(&bits, &r, sizeof bits);
+    float n = r - magic;
+    float f = x - n * 0.693359375f;
+    f = f - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    float y = p * (f * f) + f + 1.0f;
+    uint32_t scale_bits = (bits - 0x4B400000u + 127u) << 23; /* 2^n, n = bits - bits(magic) */
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return y * scale;
+}
+#else
+static inline double exp_real(double x) { return exp(x); }
+#endif
+
+static void activate(REAL *restrict u, int64_t count, int64_t core) {
+    if (core == CORE_SIGMOID) {
+        for (int64_t i = 0; i < count; i++)
+            u[i] = (REAL)1 / ((REAL)1 + exp_real(-u[i]));
+    } else {
+        for (int64_t i = 0; i < count; i++) {
+            REAL v = u[i];
+            v = v < (REAL)0 ? (REAL)0 : v;
+            u[i] = v > (REAL)1 ? (REAL)1 : v;
+        }
+    }
+}
+
+/* LANES values of REAL in one SIMD register (GCC/Clang vector extension: AVX2 where the
+ * processor has it, narrower registers otherwise). */
+typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
+
+static inline vec load(const REAL *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline REAL lane_sum(vec v) {
+    REAL s = 0;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
+
+/* out[b, o] += scale * W[o, :] . below[b, :] -- W is [width, in]. The rows of W are taken in
+ * blocks that stay in the L1 cache while every sample visits them; inside a block, two rows
+ * and four samples make eight independent accumulators that share each load. Every (sample,
+ * row) pair goes through this same code (a short group repeats its first sample or row and
+ * drops the copy), so a sample's result never depends on which samples share its slice. */
+static void add_forward(REAL *restrict out, const REAL *restrict w_all, const REAL *restrict below,
+                        int64_t batch, int64_t width, int64_t in, REAL scale) {
+    int64_t block = (int64_t)(16384 / sizeof(REAL)) / (in > 0 ? in : 1);
+    block = block < 2 ? 2 : block - block % 2;
+    for (int64_t o0 = 0; o0 < width; o0 += block) {
+        const int64_t o1 = o0 + block < width ? o0 + block : width;
+        for (int64_t b = 0; b < batch; b += 4) {
+            const int64_t samples = batch - b < 4 ? batch - b : 4;
+            const REAL *p[4];
+            for (int k = 0; k < 4; k++) p[k] = below + (b + (k < samples ? k : 0)) * in;
+            for (int64_t o = o0; o < o1; o += 2) {
+                const int pair = o + 1 < o1;
+                const REAL *wa = w_all + o * in, *wb = pair ? wa + in : wa;
+                vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+                int64_t i = 0;
+                for (; i + LANES <= in; i += LANES) {
+                    vec x0 = load(p[0] + i), x1 = load(p[1] + i), x2 = load(p[2] + i), x3 = load(p[3] + i);
+                    vec va = load(wa + i), vb = load(wb + i);
+                    a0 += va * x0; a1 += va * x1; a2 += va * x2; a3 += va * x3;
+                    c0 += vb * x0; c1 += vb * x1; c2 += vb * x2; c3 += vb * x3;
+                }
+                REAL sa[4] = {lane_sum(a0), lane_sum(a1), lane_sum(a2), lane_sum(a3)};
+                REAL sb[4] = {lane_sum(c0), lane_sum(c1), lane_sum(c2), lane_sum(c3)};
+                for (int k = 0; k < samples; k++) {
+                    for (int64_t j = i; j < in; j++) {
+                        sa[k] += wa[j] * p[k][j];
+                        sb[k] += wb[j] * p[k][j];
+                    }
+                    out[(b + k) * width + o] += scale * sa[k];
+                    if (pair) out[(b + k) * width + o + 1] += scale * sb[k];
+                }
+            }
+        }
+    }
+}
+
+/* out[b, :] += scale * above[b, :] @ td -- td is [above_width, width]. Rows of td are taken eight
+ * at a time, so each pass over a sample's row of out adds eight of them. */
+static void add_top_down(REAL *restrict out, const REAL *restrict td, const REAL *restrict above,
+                         int64_t batch, int64_t width, int64_t above_width, REAL scale) {
+    for (int64_t j0 = 0; j0 < above_width; j0 += 8) {
+        int64_t rows = above_width - j0 < 8 ? above_width - j0 : 8;
+        const REAL *r = td + j0 * width;
+        for (int64_t b = 0; b < batch; b++) {
+            REAL *restrict o = out + b * width;
+            const REAL *a = above + b * above_width + j0;
+            if (rows == 8) {
+                REAL a0 = scale * a[0], a1 = scale * a[1], a2 = scale * a[2], a3 = scale * a[3];
+                REAL a4 = scale * a[4], a5 = scale * a[5], a6 = scale * a[6], a7 = scale * a[7];
+                const REAL *r0 = r, *r1 = r0 + width, *r2 = r1 + width, *r3 = r2 + width;
+                const REAL *r4 = r3 + width, *r5 = r4 + width, *r6 = r5 + width, *r7 = r6 + width;
+                for (int64_t i = 0; i < width; i++)
+                    o[i] += a0 * r0[i] + a1 * r1[i] + a2 * r2[i] + a3 * r3[i]
+                          + a4 * r4[i] + a5 * r5[i] + a6 * r6[i] + a7 * r7[i];
+            } else {
+                for (int64_t j = 0; j < rows; j++) {
+                    REAL aj = scale * a[j];
+                    const REAL *rj = r + j * width;
+                    for (int64_t i = 0; i < width; i++) o[i] += aj * rj[i];
+                }
+            }
+        }
+    }
+}
+
+/* The nudge beta_b (target - s_last) of the squared-error loss, times `factor`, added to out. */
+static void add_nudge(REAL *restrict out, const REAL *restrict last, const REAL *restrict target,
+                      const REAL *restrict beta, int64_t batch, int64_t width, REAL factor) {
+    for (int64_t b = 0; b < batch; b++) {
+        REAL g = factor * beta[b];
+        for (int64_t i = 0; i < width; i++)
+            out[b * width + i] += g * (target[b * width + i] - last[b * width + i]);
+    }
+}
+
+/* One call's arguments; each thread runs the same phase on its own rows [start, stop). */
+typedef struct {
+    int64_t layers;
+    const int64_t *sizes;
+    const REAL *const *weights, *const *top_down, *const *offsets;
+    REAL scale;
+    int64_t core;
+    const REAL *beta, *target;
+    int64_t nudge_inside;
+    const REAL *const *initial;
+    REAL *const *final;
+    int64_t steps, start, stop;
+    int status;
+} Phase;
+
+/* The phase on rows [start, stop) of the batch; sets status 1 if scratch memory ran out. */
+static void run_rows(Phase *p) {
+    const int64_t layers = p->layers, last = layers - 1, batch = p->stop - p->start, first = p->start;
+    const int64_t *sizes = p->sizes;
+    int64_t total = 0;
+    for (int64_t n = 0; n < layers; n++) total += batch * sizes[n];
+    REAL **buffers = malloc(2 * (size_t)layers * sizeof(REAL *));
+    const REAL **initial = malloc((size_t)layers * sizeof(REAL *));
+    REAL *pool = malloc((size_t)(total > 0 ? total : 1) * sizeof(REAL));
+    if (buffers == NULL || initial == NULL || pool == NULL) {
+        free(buffers);
+        free(initial);
+        free(pool);
+        p->status = 1;
+        return;
+    }
+    /* Step t reads current[n] and writes next[n]. The first step reads the initial state;
+     * then the final rows and the scratch pool take turns, starting with whichever makes the
+     * last step write the final rows. */
+    REAL **current = buffers, **next = buffers + layers;
+    for (int64_t n = 0, used = 0; n < layers; n++) {
+        REAL *final = p->final[n] + first * sizes[n], *scratch = pool + used;
+        current[n] = p->steps % 2 ? scratch : final;  /* read by step 2 on, where there is one */
+        next[n] = p->steps % 2 ? final : scratch;
+        used += batch * sizes[n];
+        if (p->steps == 0)
+            memcpy(final, p->initial[n] + first * sizes[n], (size_t)(batch * sizes[n]) * sizeof(REAL));
+    }
+    for (int64_t n = 0; n < layers; n++) initial[n] = p->initial[n] + first * sizes[n];
+    const REAL *beta = p->beta ? p->beta + first : NULL;
+    const REAL *target = p->beta ? p->target + first * sizes[last] : NULL;
+    for (int64_t t = 0; t < p->steps; t++) {
+        const REAL *const *read = t == 0 ? initial : (const REAL *const *)current;
+        for (int64_t n = 0; n < layers; n++) {
+            const int64_t width = sizes[n];
+            REAL *u = next[n];
+            if (n == 0) {
+                memcpy(u, p->offsets[0] + first * width, (size_t)(batch * width) * sizeof(REAL));
+            } else {
+                for (int64_t b = 0; b < batch; b++)
+                    memcpy(u + b * width, p->offsets[n], (size_t)width * sizeof(REAL));
+                add_forward(u, p->weights[n], read[n - 1], batch, width, sizes[n - 1], p->scale);
+            }
+            if (n < last)
+                add_top_down(u, p->top_down[n], read[n + 1], batch, width, sizes[n + 1], p->scale);
+            const int nudged = n == last && beta != NULL;
+            if (nudged && p->nudge_inside) add_nudge(u, read[n], target, beta, batch, width, p->scale);
+            /* row by row: a sample's result must not depend on which rows share its slice */
+            for (int64_t b = 0; b < batch; b++) activate(u + b * width, width, p->core);
+            if (nudged && !p->nudge_inside) add_nudge(u, read[n], target, beta, batch, width, (REAL)1);
+        }
+        REAL **swap = current;
+        current = next;
+        next = swap;
+    }
+    free(pool);
+    free(initial);
+    free(buffers);
+    p->status = 0;
+}
+
+/*
+ * Worker threads, started on first use and kept: starting a thread for every phase costs about
+ * as much as a small phase. Between phases a worker spins (yielding the processor to anything
+ * else runnable) for up to SPIN_SECONDS, so the next phase of the same batch finds it awake, then
+ * sleeps on a condition variable. One phase at a time uses the workers (call_lock).
+ */
+#define MAX_THREADS 64
+#define SPIN_SECONDS 0.005
+enum { IDLE, POSTED, DONE };
+
+typedef struct {
+    pthread_t handle;
+    Phase *job;
+    atomic_int status;
+} Worker;
+
+static Worker workers[MAX_THREADS];
+static int started_workers = 0;
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_up = PTHREAD_COND_INITIALIZER;
+
+static double seconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+static void *worker_main(void *self) {
+    Worker *w = self;
+    for (;;) {
+        const double since = seconds();
+        while (atomic_load_explicit(&w->status, memory_order_acquire) != POSTED) {
+            if (seconds() - since < SPIN_SECONDS) {
+                sched_yield();
+                continue;
+            }
+            pthread_mutex_lock(&sleep_lock);
+            while (atomic_load_explicit(&w->status, memory_order_acquire) != POSTED)
+                pthread_cond_wait(&wake_up, &sleep_lock);
+            pthread_mutex_unlock(&sleep_lock);
+        }
+        run_rows(w->job);
+        atomic_store_explicit(&w->status, DONE, memory_order_release);
+    }
+    return NULL;
+}
+
+/* A forked child has none of its parent's threads: it starts its own when it needs them. */
+static void forget_workers(void) {
+    started_workers = 0;
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&sleep_lock, NULL);
+    pthread_cond_init(&wake_up, NULL);
+}
+
+/* Start workers up to `wanted` (index 1 on; the caller is thread 0); returns how many threads,
+ * the caller included, are available. */
+static int64_t start_workers(int64_t wanted) {
+    static int registered = 0;
+    if (!registered) registered = pthread_atfork(NULL, NULL, forget_workers) == 0;
+    while (started_workers + 1 < wanted) {
+        Worker *w = &workers[started_workers + 1];
+        atomic_store(&w->status, IDLE);
+        if (pthread_create(&w->handle, NULL, worker_main, w) != 0) break;
+        pthread_detach(w->handle);
+        started_workers++;
+    }
+    return started_workers + 1 < wanted ? started_workers + 1 : wanted;
+}
+
+/*
+ * Run `steps` steps on a batch of `batch` samples; every array is row-major and contiguous.
+ *
+ *   sizes[n]       width of state layer n (n = 0 .. layers-1)
+ *   weights[n]     W_n, [sizes[n], sizes[n-1]], for n >= 1 (weights[0] unused)
+ *   top_down[n]    [sizes[n+1], sizes[n]] (W_{n+1}, or a vector-field model's B), n < layers-1
+ *   offsets[0]     [batch, sizes[0]]; offsets[n], n >= 1: [sizes[n]]
+ *   beta           [batch] per-sample beta, or NULL for the free phase
+ *   target         [batch, sizes[layers-1]] (read only when beta is given)
+ *   initial[n]     [batch, sizes[n]]: the starting state
+ *   final[n]       [batch, sizes[n]]: receives the state after the last step (not initial's memory)
+ *
+ * The batch is cut into `threads` slices of rows (at most MAX_THREADS, at least
+ * MIN_ROWS rows each): the calling thread runs the first, the workers the
+ * others (fewer slices if workers cannot be started). Samples are independent,
+ * so the threads never wait for each other until the end.
+ *
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+#define MIN_ROWS 4
+
+int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *weights,
+                     const REAL *const *top_down, const REAL *const *offsets, double scale,
+                     int64_t core, const REAL *beta, const REAL *target, int64_t nudge_inside,
+                     const REAL *const *initial, REAL *const *final, int64_t batch, int64_t steps,
+                     int64_t threads) {
+    int64_t count = batch / MIN_ROWS < threads ? batch / MIN_ROWS : threads;
+    count = count < 1 ? 1 : (count > MAX_THREADS ? MAX_THREADS : count);
+    Phase phases[MAX_THREADS];
+    pthread_mutex_lock(&call_lock);
+    count = start_workers(count);
+    for (int64_t i = 0; i < count; i++) {
+        phases[i] = (Phase){layers, sizes, weights, top_down, offsets, (REAL)scale, core, beta, target,
+                            nudge_inside, initial, final, steps, batch * i / count, batch * (i + 1) / count, 0};
+    }
+    pthread_mutex_lock(&sleep_lock);
+    for (int64_t i = 1; i < count; i++) {
+        workers[i].job = &phases[i];
+        atomic_store_explicit(&workers[i].status, POSTED, memory_order_release);
+    }
+    pthread_cond_broadcast(&wake_up);
+    pthread_mutex_unlock(&sleep_lock);
+    run_rows(&phases[0]);
+    int status = phases[0].status;
+    for (int64_t i = 1; i < count; i++) {
+        while (atomic_load_explicit(&workers[i].status, memory_order_acquire) != DONE) sched_yield();
+        atomic_store_explicit(&workers[i].status, IDLE, memory_order_relaxed);
+        status |= phases[i].status;
+    }
+    pthread_mutex_unlock(&call_lock);
+    return status;
+}

@@ -1,0 +1,158 @@
+""":class:`KernelPhases`: the phases of fully connected models run by the C kernel on the CPU.
+
+A drop-in :data:`~eqprop.dynamics.PhaseRunner` (the estimators' ``run_phase``):
+where the kernel computes exactly what :meth:`PMLP.step <eqprop.models.mlp.PMLP.step>`
+would (a P-MLP or VF-MLP whose step is not overridden, the squared-error head,
+a sigmoid or hard-sigmoid activation, float32 or float64 on the CPU, no
+autograd, no autocast), the whole phase is one kernel call, the batch's rows
+split across ``threads`` threads; anything else runs
+through :func:`~eqprop.dynamics.run_phase` unchanged. The results agree with
+PyTorch's to rounding (sums are taken in another order, and float32's exp is
+the kernel's own, within about an ulp).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..dynamics import run_phase
+from ..heads import SquaredError
+from ..models.base import Clamped, EnergyModel, State, is_free
+from ..models.mlp import MLPClamped, PMLP
+from .library import KernelUnavailable, kernel_dtypes, load_kernel
+
+_CORES = {"sigmoid": 0, "clamp01": 1}
+
+
+def kernel_runs_model(model: EnergyModel) -> bool:
+    """Whether the kernel implements this model's step (the tensors are checked at each phase)."""
+    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model.head) is SquaredError
+            and model.activation.kernel_core in _CORES)
+
+
+def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
+    """Whether the kernel computes exactly this phase of the model (else it runs in PyTorch)."""
+    if not (kernel_runs_model(model) and isinstance(clamped, MLPClamped)):
+        return False
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    dtype = state[0].dtype
+    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down]
+    return (dtype in kernel_dtypes() and len(state) == len(clamped.offsets)
+            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and all(s.dim() == 2 and s.shape[0] == state[0].shape[0] for s in state))
+
+
+class KernelPhases:
+    """Run phases with the C kernel where it applies, else with :func:`~eqprop.dynamics.run_phase`.
+
+    Args:
+        threads: threads that share a batch (each takes at least 4 samples); None: one per
+            core this process may use. The kernel's threads spin briefly between phases
+            (yielding to anything else runnable), so PyTorch's own thread pool is best kept
+            to one thread beside them: two pools spinning on the same cores slow each other.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or available_cores()
+        #: why the kernel could not be built, once that was found (phases then run in PyTorch)
+        self.unavailable: str | None = None
+
+    def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
+                 beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
+        if self.unavailable is None and kernel_applies(model, clamped, state):
+            kernel = self._load(state[0].dtype)
+            if kernel is not None:
+                result = self._run(kernel, model, clamped, state, steps, beta, target)
+                if result is not None:
+                    return result
+        return run_phase(model, clamped, state, steps, beta, target)
+
+    def prepare(self, model: EnergyModel) -> None:
+        """Build the kernel now if it will run this model's phases (so that the first epoch's
+        time does not include the build)."""
+        parameter = next(model.parameters(), None)
+        if kernel_runs_model(model) and parameter is not None and parameter.dtype in kernel_dtypes():
+            self._load(parameter.dtype)
+
+    def _load(self, dtype: torch.dtype) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+        """The kernel for ``dtype``; None (once warned) where it cannot be built."""
+        try:
+            return load_kernel(dtype)
+        except KernelUnavailable as error:
+            self.unavailable = str(error)
+            warnings.warn(f"eqprop: {error}; the phases run in PyTorch instead", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _run(self, kernel: ctypes._CFuncPtr, model: PMLP, clamped: MLPClamped,  # type: ignore[name-defined]
+             state: State, steps: int, beta: float | Tensor, target: Tensor | None) -> State | None:
+        """The phase by the kernel, or None where β or the target have shapes it does not take."""
+        batch, dtype = state[0].shape[0], state[0].dtype
+        sizes = [s.shape[1] for s in state]
+        betas = _per_sample_beta(beta, batch, dtype)
+        if betas is False or (betas is not None and (target is None or target.shape != (batch, sizes[-1]))):
+            return None
+        targets = None if betas is None else target.to(dtype).contiguous()
+        offsets = [clamped.offsets[0].contiguous()] + [o.reshape(-1).contiguous() for o in clamped.offsets[1:]]
+        weights = [w.contiguous() for w in clamped.weights]
+        top_down = [t.contiguous() for t in clamped.top_down]
+        _check_shapes(sizes, batch, offsets, weights, top_down)
+        initial = [s.contiguous() for s in state]
+        final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
+        rows = _addresses([o.data_ptr() for o in offsets])
+        status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers([None] + weights[1:]),
+                        _pointers(top_down + [None]), rows, model.activation.scale,
+                        _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
+                        None if targets is None else targets.data_ptr(), int(model.head.nudge_inside),
+                        _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
+        if status:
+            raise MemoryError("eqprop's C kernel could not allocate its scratch state")
+        return final
+
+
+def available_cores() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _per_sample_beta(beta: float | Tensor, batch: int, dtype: torch.dtype) -> Tensor | None | bool:
+    """β as a contiguous ``[batch]`` tensor; None for the free phase; False for another shape
+    (PyTorch's step then decides what it means)."""
+    if is_free(beta):
+        return None
+    values = torch.as_tensor(beta, dtype=dtype, device="cpu")
+    if values.numel() == 1:
+        return values.reshape(1).expand(batch).contiguous()
+    if values.shape == (batch, 1):  # one β per sample, as the heads' nudge broadcasts it
+        return values.reshape(batch).contiguous()
+    return False
+
+
+def _check_shapes(sizes: list[int], batch: int, offsets: list[Tensor], weights: list[Tensor],
+                  top_down: list[Tensor]) -> None:
+    """The clamped input must describe the state's layers (a mismatch is a bug in the model)."""
+    expected = ([(batch, sizes[0])] + [(n,) for n in sizes[1:]]
+                + [(n, below) for n, below in zip(sizes[1:], sizes[:-1])]
+                + [(above, n) for n, above in zip(sizes[:-1], sizes[1:])])
+    found = [tuple(t.shape) for t in (*offsets, *weights[1:], *top_down)]
+    if found != expected:
+        raise ValueError(f"the clamped input does not match the state's layers {sizes}: {found}")
+
+
+def _addresses(addresses: list[int]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(addresses))(*addresses)
+
+
+def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+    return _addresses([0 if t is None else t.data_ptr() for t in tensors])
+
+
+def _array(kind: type, values: list[int]) -> ctypes.Array:
+    return (kind * len(values))(*values)
