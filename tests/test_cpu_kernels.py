@@ -1,6 +1,7 @@
 """eqprop's C kernel runs exactly the phases PyTorch's steps run, and steps aside where it cannot."""
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqprop.cpu_kernels import KernelPhases, kernel_applies, library, load_kernel
+from eqprop.cpu_kernels import KernelPhases, forget_loaded_kernels, kernel_applies, library, load_kernel
 from eqprop.dynamics import run_phase
 from eqprop.models import PMLP
 from eqprop.models.vf import VFMLP
@@ -60,7 +61,7 @@ def test_kernel_phases_equal_pytorch_phases(sizes, activation, inside, dtype, to
         for beta in (0.3, -0.7, 0.4 * signs, torch.tensor(0.25, dtype=dtype)):
             expected = run_phase(model, clamped, free, 9, beta, target)
             assert max_difference(kernel(model, clamped, free, 9, beta, target), expected) < tolerance
-    assert kernel.unavailable is None
+    assert not kernel.unavailable
 
 
 def test_vector_field_model_uses_its_own_backward_weights():
@@ -163,7 +164,7 @@ def test_falls_back_to_pytorch_where_the_kernel_does_not_apply(case):
 def test_without_a_compiler_the_phases_run_in_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv(library.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    load_kernel.cache_clear()
+    forget_loaded_kernels()
     try:
         model = PMLP([10, 8, 4]).double()
         x, target = batch_for(model, 6, torch.float64)
@@ -178,20 +179,62 @@ def test_without_a_compiler_the_phases_run_in_pytorch(monkeypatch, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert all(torch.equal(a, b) for a, b in zip(again, expected))
     finally:
-        load_kernel.cache_clear()
+        forget_loaded_kernels()
 
 
 def test_a_build_is_cached_and_keyed_by_its_inputs(monkeypatch, tmp_path):
     monkeypatch.setenv(library.CACHE_ENV_VAR, str(tmp_path))
-    load_kernel.cache_clear()
+    forget_loaded_kernels()
     try:
         load_kernel(torch.float64)
         built = sorted(tmp_path.glob("mlp_phase-*.so"))
         assert len(built) == 1 and not list(tmp_path.glob(".*"))  # no temporary file left behind
-        load_kernel.cache_clear()
+        forget_loaded_kernels()
         load_kernel(torch.float64)
         assert sorted(tmp_path.glob("mlp_phase-*.so")) == built  # reused, not rebuilt
         load_kernel(torch.float32)
         assert len(list(tmp_path.glob("mlp_phase-*.so"))) == 2
     finally:
-        load_kernel.cache_clear()
+        forget_loaded_kernels()
+
+
+def test_a_target_on_another_device_is_left_to_pytorch():
+    model = PMLP([10, 8, 4]).double()
+    x, target = batch_for(model, 6, torch.float64)
+    with torch.no_grad(), pytest.raises(RuntimeError):  # PyTorch's device error, not a crash
+        KernelPhases(2)(model, model.clamp(x), model.init_state(x), 3, 0.5, target.to("meta"))
+
+
+@pytest.fixture
+def fresh_builds(monkeypatch, tmp_path):
+    """Builds go to a new folder; what load_kernel found before is forgotten, then and after."""
+    monkeypatch.setenv(library.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    forget_loaded_kernels()
+    yield tmp_path
+    forget_loaded_kernels()
+
+
+def test_compiler_command_with_arguments_and_its_errors(monkeypatch, fresh_builds):
+    compiler = next(shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name))
+    monkeypatch.setenv("CC", f"{compiler} -DEQPROP_UNUSED=1")
+    load_kernel(torch.float64)  # CC may hold arguments
+    forget_loaded_kernels()
+    monkeypatch.setenv("CC", f"{compiler} -DREAL=int")  # a broken build: its error line is reported
+    with pytest.raises(library.KernelUnavailable, match="error"):
+        load_kernel(torch.float64)
+
+
+def test_without_a_cache_folder_builds_go_to_a_private_temporary_folder(monkeypatch, fresh_builds):
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(library, "cache_folder", no_home)
+    monkeypatch.setattr(library.tempfile, "gettempdir", lambda: str(fresh_builds))
+    shared = fresh_builds / f"eqprop-kernels-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # writable by anyone: code there could be someone else's
+    with pytest.raises(library.KernelUnavailable, match="only this user"):
+        load_kernel(torch.float64)
+    shared.chmod(0o700)
+    forget_loaded_kernels()
+    load_kernel(torch.float64)
+    assert list(shared.glob("mlp_phase-*.so"))

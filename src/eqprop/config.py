@@ -198,9 +198,9 @@ class TrainConfig(Strict):
                                                 "squared-error loss, sigmoid or hard-sigmoid activation) in "
                                                 "eqprop's C kernel, built on first use with the system's C "
                                                 "compiler; other models, or no compiler: PyTorch")
-    cpu_kernel_threads: PositiveInt | None = Field(
-        None, description="threads of the C kernel, each taking a share of the batch (None: every core this "
-                          "process may use); PyTorch's own ops keep train.threads")
+    cpu_kernel_threads: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        None, description="threads of the C kernel (at most 64), each taking a share of the batch (None: every "
+                          "core this process may use); PyTorch's own ops keep train.threads")
     bf16_autocast: bool = Field(False, description="run the phases under bfloat16 autocast (faster on GPUs; "
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(

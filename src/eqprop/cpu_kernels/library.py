@@ -2,9 +2,10 @@
 
 The source ships inside the package; on first use it is compiled (about a
 second) into the per-user cache folder ``$EQPROP_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/eqprop/kernels`` (``~/.cache/eqprop/kernels``), or a
-temporary folder where that cannot be written, one library per floating type. The file name
-holds a hash of the source, the compiler, its flags and the processor, so an
+``$XDG_CACHE_HOME/eqprop/kernels`` (``~/.cache/eqprop/kernels``), or where
+that cannot be written a temporary folder that only this user may write,
+one library per floating type. The file name holds a hash of the source,
+the compiler command, its flags and the processor, so an
 edited source, another compiler or another processor (``-march=native``
 code must not run on a machine it was not built for) gets its own build. A
 build is written under a temporary name and renamed into place, so
@@ -19,7 +20,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from functools import lru_cache
@@ -52,49 +55,79 @@ def cache_folder() -> Path:
     return Path(from_env).expanduser() if from_env else user_cache_folder("kernels")
 
 
-@lru_cache(maxsize=None)
 def load_kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
     """The kernel's ``eqprop_mlp_phase`` for ``dtype`` (float32 or float64), built if needed.
 
-    Raises :class:`KernelUnavailable`; the failure is cached too, so a machine
-    without a compiler pays for the attempt once per process.
+    Raises :class:`KernelUnavailable`. Successes and failures are both kept for
+    the process (:func:`forget_loaded_kernels` forgets them), so a machine
+    without a compiler pays for the attempt once.
     """
     if dtype not in _TYPE_FLAGS:
         raise KernelUnavailable(f"the C kernel is built for float32 and float64, not {dtype}")
-    compiler = os.environ.get("CC") or next(
-        (found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
-    if compiler is None:
-        raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
+    outcome = _load_or_reason(dtype)
+    if isinstance(outcome, str):
+        raise KernelUnavailable(outcome)
+    return outcome
+
+
+@lru_cache(maxsize=None)
+def _load_or_reason(dtype: torch.dtype) -> ctypes._CFuncPtr | str:  # type: ignore[name-defined]
+    """The loaded kernel, or why it could not be built (returned, not raised, so it is cached)."""
+    command = shlex.split(os.environ.get("CC", ""))
+    if not command:
+        found = next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+        if found is None:
+            return "no C compiler found (set CC, or install gcc or clang)"
+        command = [found]
+    try:
+        folder = _build_folder()
+    except KernelUnavailable as error:
+        return str(error)
     errors = []
-    folder = _writable(cache_folder())
     for flags in FLAG_SETS:
         flags = flags + _TYPE_FLAGS[dtype]
-        path = folder / f"mlp_phase-{_build_key(compiler, flags)}.so"
+        path = folder / f"mlp_phase-{_build_key(command, flags)}.so"
         try:
             if not path.exists():
-                _compile(compiler, flags, path)
+                _compile(command, flags, path)
             return _bind(ctypes.CDLL(str(path)))
         except (OSError, subprocess.SubprocessError, KernelUnavailable) as error:
             errors.append(f"{' '.join(flags)}: {error}")
-    raise KernelUnavailable("could not build the C kernel: " + "; ".join(errors))
+    return "could not build the C kernel: " + "; ".join(errors)
 
 
-def _writable(folder: Path) -> Path:
-    """``folder``, created if needed; a per-user temporary folder where it cannot be."""
+def forget_loaded_kernels() -> None:
+    """Forget what :func:`load_kernel` found (after changing ``CC`` or the cache folder)."""
+    _load_or_reason.cache_clear()
+
+
+def _build_folder() -> Path:
+    """The cache folder, created if needed; where it cannot be written (or there is no home
+    folder), a private per-user temporary folder, refused unless this user alone can write it."""
     try:
+        folder = cache_folder()
         folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK):
             return folder
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: no home folder to expand
         pass
     user = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"eqprop-kernels-{user}"
+    folder = Path(tempfile.gettempdir()) / f"eqprop-kernels-{user}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        status = folder.lstat()
+    except OSError as error:
+        raise KernelUnavailable(f"no folder to build the C kernel in ({error})") from None
+    owned = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+    if not stat.S_ISDIR(status.st_mode) or not owned or status.st_mode & 0o022:
+        raise KernelUnavailable(f"{folder} is not a folder that only this user can write: not loading code from it")
+    return folder
 
 
-def _build_key(compiler: str, flags: list[str]) -> str:
+def _build_key(command: list[str], flags: list[str]) -> str:
     """A hash of everything the built library depends on."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (compiler, *flags, platform.machine(), platform.system(), _processor_fingerprint()):
+    for part in (*command, *flags, platform.machine(), platform.system(), _processor_fingerprint()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:20]
 
@@ -109,17 +142,19 @@ def _processor_fingerprint() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _compile(compiler: str, flags: list[str], path: Path) -> None:
-    """Compile the source into ``path`` atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _compile(command: list[str], flags: list[str], path: Path) -> None:
+    """Compile the source into ``path`` atomically (temporary name, then rename), readable by
+    everyone who can read the folder (a shared cache)."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".so")
     os.close(handle)
     try:
-        command = [compiler, *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", temporary, "-lm"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        compile_command = [*command, *flags, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", temporary, "-lm"]
+        result = subprocess.run(compile_command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise KernelUnavailable(f"{Path(compiler).name} failed: {last}")
+            lines = result.stderr.strip().splitlines() or ["(no message)"]
+            first_error = next((line for line in lines if "error" in line), lines[-1])
+            raise KernelUnavailable(f"{Path(command[0]).name} failed: {first_error.strip()}")
+        os.chmod(temporary, 0o755)
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)

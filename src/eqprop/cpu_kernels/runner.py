@@ -13,8 +13,10 @@ the kernel's own, within about an ulp).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -26,6 +28,8 @@ from ..models.mlp import MLPClamped, PMLP
 from .library import KernelUnavailable, kernel_dtypes, load_kernel
 
 _CORES = {"sigmoid": 0, "clamp01": 1}
+#: the kernel's own limit on threads (MAX_THREADS in mlp_phase.c)
+MAX_THREADS = 64
 
 
 def kernel_runs_model(model: EnergyModel) -> bool:
@@ -51,20 +55,20 @@ class KernelPhases:
     """Run phases with the C kernel where it applies, else with :func:`~eqprop.dynamics.run_phase`.
 
     Args:
-        threads: threads that share a batch (each takes at least 4 samples); None: one per
-            core this process may use. The kernel's threads spin briefly between phases
+        threads: threads that share a batch (each takes at least 4 samples, 64 at most);
+            None: one per core this process may use. The kernel's threads spin briefly between phases
             (yielding to anything else runnable), so PyTorch's own thread pool is best kept
             to one thread beside them: two pools spinning on the same cores slow each other.
     """
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads or available_cores()
-        #: why the kernel could not be built, once that was found (phases then run in PyTorch)
-        self.unavailable: str | None = None
+        self.threads = min(threads or available_cores(), MAX_THREADS)
+        #: why the kernel could not be built, per floating type (those phases run in PyTorch)
+        self.unavailable: dict[torch.dtype, str] = {}
 
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
-        if self.unavailable is None and kernel_applies(model, clamped, state):
+        if kernel_applies(model, clamped, state) and state[0].dtype not in self.unavailable:
             kernel = self._load(state[0].dtype)
             if kernel is not None:
                 result = self._run(kernel, model, clamped, state, steps, beta, target)
@@ -84,15 +88,18 @@ class KernelPhases:
         try:
             return load_kernel(dtype)
         except KernelUnavailable as error:
-            self.unavailable = str(error)
+            self.unavailable[dtype] = str(error)
             warnings.warn(f"eqprop: {error}; the phases run in PyTorch instead", RuntimeWarning, stacklevel=3)
             return None
 
     def _run(self, kernel: ctypes._CFuncPtr, model: PMLP, clamped: MLPClamped,  # type: ignore[name-defined]
              state: State, steps: int, beta: float | Tensor, target: Tensor | None) -> State | None:
-        """The phase by the kernel, or None where β or the target have shapes it does not take."""
+        """The phase by the kernel, or None where β or the target are not what it takes (another
+        shape or device: PyTorch's step then decides what they mean)."""
         batch, dtype = state[0].shape[0], state[0].dtype
         sizes = [s.shape[1] for s in state]
+        if any(isinstance(t, Tensor) and t.device.type != "cpu" for t in (beta, target)):
+            return None
         betas = _per_sample_beta(beta, batch, dtype)
         if betas is False or (betas is not None and (target is None or target.shape != (batch, sizes[-1]))):
             return None
@@ -115,11 +122,19 @@ class KernelPhases:
 
 
 def available_cores() -> int:
-    """The number of cores this process may run on."""
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota
+    (cgroup v2 ``cpu.max``), since threads beyond the quota only wait for each other."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _per_sample_beta(beta: float | Tensor, batch: int, dtype: torch.dtype) -> Tensor | None | bool:
