@@ -214,13 +214,13 @@ static void run_rows(Phase *p) {
         p->status = 1;
         return;
     }
-    /* Step t reads current[n] and writes next[n]. The first step reads the initial state;
-     * then the final rows and the scratch pool take turns, starting with whichever makes the
-     * last step write the final rows. */
+    /* Step t writes next[n] and reads current[n] (the initial state at t = 0), then the two
+     * swap: the final rows and the scratch pool alternate, in the order that makes the last
+     * step write the final rows. */
     REAL **current = buffers, **next = buffers + layers;
     for (int64_t n = 0, used = 0; n < layers; n++) {
         REAL *final = p->final[n] + first * sizes[n], *scratch = pool + used;
-        current[n] = p->steps % 2 ? scratch : final;  /* read by step 2 on, where there is one */
+        current[n] = p->steps % 2 ? scratch : final;
         next[n] = p->steps % 2 ? final : scratch;
         used += batch * sizes[n];
         if (p->steps == 0)

@@ -56,9 +56,10 @@ class KernelPhases:
 
     Args:
         threads: threads that share a batch (each takes at least 4 samples, 64 at most);
-            None: one per core this process may use. The kernel's threads spin briefly between phases
-            (yielding to anything else runnable), so PyTorch's own thread pool is best kept
-            to one thread beside them: two pools spinning on the same cores slow each other.
+            None: one per core this process may use. The kernel's threads spin briefly
+            between phases (yielding to anything else runnable), so PyTorch's own thread
+            pool is best kept to one thread beside them: two pools spinning on the same
+            cores slow each other down.
     """
 
     def __init__(self, threads: int | None = None) -> None:
@@ -110,9 +111,8 @@ class KernelPhases:
         _check_shapes(sizes, batch, offsets, weights, top_down)
         initial = [s.contiguous() for s in state]
         final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
-        rows = _addresses([o.data_ptr() for o in offsets])
         status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers([None] + weights[1:]),
-                        _pointers(top_down + [None]), rows, model.activation.scale,
+                        _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
                         _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
                         None if targets is None else targets.data_ptr(), int(model.head.nudge_inside),
                         _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
