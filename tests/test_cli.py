@@ -153,3 +153,17 @@ def test_sigint_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     a = load_checkpoint(out / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_c_compiler_training_warns_in_one_line_and_runs(capsys, tmp_path, monkeypatch):
+    from eqprop.cpu_kernels import forget_loaded_kernels
+    monkeypatch.setenv("CC", str(tmp_path / "no-compiler"))
+    forget_loaded_kernels()
+    try:
+        status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), "--epochs", "1", *FAST)
+    finally:
+        forget_loaded_kernels()
+    assert status == 0
+    warning = [line for line in err.splitlines() if "C compiler" in line]
+    assert warning == [f"eqprop: warning: the C compiler '{tmp_path / 'no-compiler'}' named by CC was not found; "
+                       "the phases run in PyTorch instead"]

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress_messages()
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except (UsageError, ConfigError) as error:
         return _fail(error, 2)
     except (DataError, CheckpointError, DivergenceError) as error:
@@ -230,6 +233,13 @@ def _show_progress_messages() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    """Warnings as one line on stderr, without the source location a user cannot act on."""
+    text = str(message)
+    print(text if text.startswith("eqprop:") else f"eqprop: warning: {text}", file=sys.stderr)
 
 
 def _first_line(error: object) -> str:

@@ -79,6 +79,8 @@ def _load_or_reason(dtype: torch.dtype) -> ctypes._CFuncPtr | str:  # type: igno
         if found is None:
             return "no C compiler found (set CC, or install gcc or clang)"
         command = [found]
+    elif shutil.which(command[0]) is None:
+        return f"the C compiler {command[0]!r} named by CC was not found"
     try:
         folder = _build_folder()
     except KernelUnavailable as error:

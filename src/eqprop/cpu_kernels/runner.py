@@ -90,7 +90,8 @@ class KernelPhases:
             return load_kernel(dtype)
         except KernelUnavailable as error:
             self.unavailable[dtype] = str(error)
-            warnings.warn(f"eqprop: {error}; the phases run in PyTorch instead", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"eqprop: warning: {error}; the phases run in PyTorch instead", RuntimeWarning,
+                          stacklevel=3)
             return None
 
     def _run(self, kernel: ctypes._CFuncPtr, model: PMLP, clamped: MLPClamped,  # type: ignore[name-defined]
