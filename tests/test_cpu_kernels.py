@@ -36,19 +36,21 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 ARCHITECTURES = [
-    ([784, 512, 10], "scaled_sigmoid", True),       # laborieux-mnist
-    ([40, 33, 17, 5], "hard_sigmoid", False),       # odd widths, nudge after σ
-    ([12, 9], "half_hard_sigmoid", True),           # one layer: no top-down term
-    ([30, 24, 24, 24, 24, 10], "scaled_sigmoid", False),  # deep
+    ([784, 512, 10], "scaled_sigmoid", "mse", True),       # laborieux-mnist
+    ([40, 33, 17, 5], "hard_sigmoid", "mse", False),       # odd widths, nudge after σ
+    ([12, 9], "half_hard_sigmoid", "mse", True),           # one layer: no top-down term
+    ([30, 24, 24, 24, 24, 10], "scaled_sigmoid", "mse", False),  # deep
+    ([50, 37, 21, 10], "scaled_sigmoid", "ce", True),      # softmax readout: the last size is the classes
+    ([20, 16, 7], "half_hard_sigmoid", "ce", True),        # one state layer under the readout
 ]
 
 
-@pytest.mark.parametrize("sizes,activation,inside", ARCHITECTURES)
+@pytest.mark.parametrize("sizes,activation,loss,inside", ARCHITECTURES)
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("batch,threads", [(37, 1), (37, 3), (2, 2), (1, 1)])
-def test_kernel_phases_equal_pytorch_phases(sizes, activation, inside, dtype, tolerance, batch, threads):
+def test_kernel_phases_equal_pytorch_phases(sizes, activation, loss, inside, dtype, tolerance, batch, threads):
     torch.manual_seed(1)
-    model = PMLP(sizes, activation, "mse", inside).to(dtype)
+    model = PMLP(sizes, activation, loss, inside).to(dtype)
     x, target = batch_for(model, batch, dtype)
     kernel = KernelPhases(threads)
     signs = torch.where(torch.rand(batch, 1) < 0.5, 1.0, -1.0).to(dtype)
@@ -140,14 +142,15 @@ class OwnStep(PMLP):
         return [0.5 * s for s in super().step(clamped, state, beta, target)]
 
 
-@pytest.mark.parametrize("case", ["tanh", "softmax readout", "own step", "autograd", "autocast", "shape of beta"])
+@pytest.mark.parametrize("case", ["tanh", "bfloat16", "own step", "autograd", "autocast", "shape of beta"])
 def test_falls_back_to_pytorch_where_the_kernel_does_not_apply(case):
     torch.manual_seed(3)
-    kinds = {"tanh": dict(activation="tanh"), "softmax readout": dict(loss="ce")}
     cls = OwnStep if case == "own step" else PMLP
-    model = cls([10, 8, 4], **{"activation": "scaled_sigmoid", "loss": "mse", **kinds.get(case, {})}).double()
-    x, target = batch_for(model, 6, torch.float64)
-    beta = torch.full((3, 2), 0.1, dtype=torch.float64) if case == "shape of beta" else 0.2
+    model = cls([10, 8, 4], activation="tanh" if case == "tanh" else "scaled_sigmoid", loss="mse")
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float64
+    model = model.to(dtype)
+    x, target = batch_for(model, 6, dtype)
+    beta = torch.full((3, 2), 0.1, dtype=dtype) if case == "shape of beta" else 0.2
     if case == "shape of beta":  # per-sample β of the wrong shape: PyTorch decides (here: broadcast error)
         with torch.no_grad(), pytest.raises(RuntimeError):
             KernelPhases(2)(model, model.clamp(x), model.init_state(x), 3, beta, target)

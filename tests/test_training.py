@@ -188,10 +188,22 @@ def test_phase_runner_follows_device_and_settings():
     assert phase_runner(small_config(train={"compile": True}), cpu) is run_phase
 
 
-def test_kernel_run_follows_the_pytorch_run(tmp_path):
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_kernel_run_follows_the_pytorch_run(tmp_path, monkeypatch, loss):
     """The C kernel's training run stays on the PyTorch run's path (float64: rounding only)."""
-    runs = [train(small_config(train={"dtype": "float64", "cpu_kernels": on}), tmp_path / str(on), log=quiet)
+    from eqprop.cpu_kernels import KernelPhases
+    kernel_phases = []
+    run = KernelPhases._run
+
+    def counted(self, *args):
+        result = run(self, *args)
+        kernel_phases.append(result is not None)
+        return result
+    monkeypatch.setattr(KernelPhases, "_run", counted)
+    runs = [train(small_config(model={"loss": loss}, train={"dtype": "float64", "cpu_kernels": on}),
+                  tmp_path / str(on), log=quiet)
             for on in (True, False)]
+    assert kernel_phases and all(kernel_phases)  # every phase of the first run was the kernel's
     for kernel, eager in zip(*runs):
         assert kernel["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-9)
         assert kernel["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-9)

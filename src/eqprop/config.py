@@ -195,7 +195,7 @@ class TrainConfig(Strict):
                                                 "replay it (one launch per phase instead of one per kernel; "
                                                 "not combined with compile)")
     cpu_kernels: bool = Field(True, description="CPU: run the phases of fully connected models (P-MLP or VF-MLP, "
-                                                "squared-error loss, sigmoid or hard-sigmoid activation) in "
+                                                "squared error or softmax readout, sigmoid or hard sigmoid) in "
                                                 "eqprop's C kernel, built on first use with the system's C "
                                                 "compiler; other models, or no compiler: PyTorch")
     cpu_kernel_threads: Annotated[int, Field(ge=1, le=64)] | None = Field(

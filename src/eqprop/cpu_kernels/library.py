@@ -167,6 +167,6 @@ def _bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:  # type: ignore[name-define
     function = library.eqprop_mlp_phase
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [i64, pointer, pointer, pointer, pointer, ctypes.c_double, i64, pointer, pointer,
-                         i64, pointer, pointer, i64, i64, i64]
+                         i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]
     function.restype = ctypes.c_int
     return function

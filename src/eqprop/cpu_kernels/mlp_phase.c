@@ -183,6 +183,35 @@ static void add_nudge(REAL *restrict out, const REAL *restrict last, const REAL 
     }
 }
 
+/* The softmax readout's nudge (Laborieux 2021 eq. 19), times `factor`, added to out:
+ * beta_b (target - softmax(W_out s_last + b_out)) @ W_out, W_out being [classes, width]. */
+static void add_softmax_nudge(REAL *restrict out, const REAL *restrict last, const REAL *restrict target,
+                              const REAL *restrict beta, int64_t batch, int64_t width, int64_t classes,
+                              const REAL *restrict w_out, const REAL *restrict b_out, REAL factor,
+                              REAL *restrict scratch) {
+    for (int64_t b = 0; b < batch; b++) {
+        const REAL *s = last + b * width;
+        REAL top = -INFINITY, total = 0;
+        for (int64_t c = 0; c < classes; c++) {
+            const REAL *w = w_out + c * width;
+            REAL z = b_out[c];
+            for (int64_t i = 0; i < width; i++) z += w[i] * s[i];
+            scratch[c] = z;
+            top = z > top ? z : top;
+        }
+        for (int64_t c = 0; c < classes; c++) {
+            scratch[c] = exp_real(scratch[c] - top);
+            total += scratch[c];
+        }
+        REAL *o = out + b * width;
+        for (int64_t c = 0; c < classes; c++) {
+            const REAL g = factor * beta[b] * (target[b * classes + c] - scratch[c] / total);
+            const REAL *w = w_out + c * width;
+            for (int64_t i = 0; i < width; i++) o[i] += g * w[i];
+        }
+    }
+}
+
 /* One call's arguments; each thread runs the same phase on its own rows [start, stop). */
 typedef struct {
     int64_t layers;
@@ -192,6 +221,8 @@ typedef struct {
     int64_t core;
     const REAL *beta, *target;
     int64_t nudge_inside;
+    int64_t classes;                      /* > 0: softmax readout W_out, b_out; 0: squared error */
+    const REAL *w_out, *b_out;
     const REAL *const *initial;
     REAL *const *final;
     int64_t steps, start, stop;
@@ -206,7 +237,7 @@ static void run_rows(Phase *p) {
     for (int64_t n = 0; n < layers; n++) total += batch * sizes[n];
     REAL **buffers = malloc(2 * (size_t)layers * sizeof(REAL *));
     const REAL **initial = malloc((size_t)layers * sizeof(REAL *));
-    REAL *pool = malloc((size_t)(total > 0 ? total : 1) * sizeof(REAL));
+    REAL *pool = malloc((size_t)(total + p->classes + 1) * sizeof(REAL));  /* + the readout's scores */
     if (buffers == NULL || initial == NULL || pool == NULL) {
         free(buffers);
         free(initial);
@@ -228,7 +259,7 @@ static void run_rows(Phase *p) {
     }
     for (int64_t n = 0; n < layers; n++) initial[n] = p->initial[n] + first * sizes[n];
     const REAL *beta = p->beta ? p->beta + first : NULL;
-    const REAL *target = p->beta ? p->target + first * sizes[last] : NULL;
+    const REAL *target = p->beta ? p->target + first * (p->classes ? p->classes : sizes[last]) : NULL;
     for (int64_t t = 0; t < p->steps; t++) {
         const REAL *const *read = t == 0 ? initial : (const REAL *const *)current;
         for (int64_t n = 0; n < layers; n++) {
@@ -244,10 +275,15 @@ static void run_rows(Phase *p) {
             if (n < last)
                 add_top_down(u, p->top_down[n], read[n + 1], batch, width, sizes[n + 1], p->scale);
             const int nudged = n == last && beta != NULL;
-            if (nudged && p->nudge_inside) add_nudge(u, read[n], target, beta, batch, width, p->scale);
+            if (nudged && p->classes)
+                add_softmax_nudge(u, read[n], target, beta, batch, width, p->classes, p->w_out, p->b_out, p->scale,
+                                  pool + total);
+            else if (nudged && p->nudge_inside)
+                add_nudge(u, read[n], target, beta, batch, width, p->scale);
             /* row by row: a sample's result must not depend on which rows share its slice */
             for (int64_t b = 0; b < batch; b++) activate(u + b * width, width, p->core);
-            if (nudged && !p->nudge_inside) add_nudge(u, read[n], target, beta, batch, width, (REAL)1);
+            if (nudged && !p->classes && !p->nudge_inside)
+                add_nudge(u, read[n], target, beta, batch, width, (REAL)1);
         }
         REAL **swap = current;
         current = next;
@@ -338,7 +374,11 @@ static int64_t start_workers(int64_t wanted) {
  *   top_down[n]    [sizes[n+1], sizes[n]] (W_{n+1}, or a vector-field model's B), n < layers-1
  *   offsets[0]     [batch, sizes[0]]; offsets[n], n >= 1: [sizes[n]]
  *   beta           [batch] per-sample beta, or NULL for the free phase
- *   target         [batch, sizes[layers-1]] (read only when beta is given)
+ *   target         [batch, sizes[layers-1]], or [batch, classes] with the softmax readout (read
+ *                  only when beta is given)
+ *   classes        0 for the squared-error nudge (inside σ if nudge_inside, else after it); else
+ *                  the softmax readout's nudge, inside σ, from w_out [classes, sizes[layers-1]]
+ *                  and b_out [classes]
  *   initial[n]     [batch, sizes[n]]: the starting state
  *   final[n]       [batch, sizes[n]]: receives the state after the last step (not initial's memory)
  *
@@ -354,8 +394,8 @@ static int64_t start_workers(int64_t wanted) {
 int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *weights,
                      const REAL *const *top_down, const REAL *const *offsets, double scale,
                      int64_t core, const REAL *beta, const REAL *target, int64_t nudge_inside,
-                     const REAL *const *initial, REAL *const *final, int64_t batch, int64_t steps,
-                     int64_t threads) {
+                     int64_t classes, const REAL *w_out, const REAL *b_out, const REAL *const *initial,
+                     REAL *const *final, int64_t batch, int64_t steps, int64_t threads) {
     int64_t count = batch / MIN_ROWS < threads ? batch / MIN_ROWS : threads;
     count = count < 1 ? 1 : (count > MAX_THREADS ? MAX_THREADS : count);
     Phase phases[MAX_THREADS];
@@ -363,7 +403,8 @@ int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *we
     count = start_workers(count);
     for (int64_t i = 0; i < count; i++) {
         phases[i] = (Phase){layers, sizes, weights, top_down, offsets, (REAL)scale, core, beta, target,
-                            nudge_inside, initial, final, steps, batch * i / count, batch * (i + 1) / count, 0};
+                            nudge_inside, classes, w_out, b_out, initial, final, steps, batch * i / count,
+                            batch * (i + 1) / count, 0};
     }
     pthread_mutex_lock(&sleep_lock);
     for (int64_t i = 1; i < count; i++) {

@@ -2,9 +2,9 @@
 
 A drop-in :data:`~eqprop.dynamics.PhaseRunner` (the estimators' ``run_phase``):
 where the kernel computes exactly what :meth:`PMLP.step <eqprop.models.mlp.PMLP.step>`
-would (a P-MLP or VF-MLP whose step is not overridden, the squared-error head,
-a sigmoid or hard-sigmoid activation, float32 or float64 on the CPU, no
-autograd, no autocast), the whole phase is one kernel call, the batch's rows
+would (a P-MLP or VF-MLP whose step is not overridden, the squared-error or
+softmax-readout head, a sigmoid or hard-sigmoid activation, float32 or
+float64 on the CPU, no autograd, no autocast), the whole phase is one kernel call, the batch's rows
 split across ``threads`` threads; anything else runs
 through :func:`~eqprop.dynamics.run_phase` unchanged. The results agree with
 PyTorch's to rounding (sums are taken in another order, and float32's exp is
@@ -22,19 +22,20 @@ import torch
 from torch import Tensor
 
 from ..dynamics import run_phase
-from ..heads import SquaredError
+from ..heads import SoftmaxReadout, SquaredError
 from ..models.base import Clamped, EnergyModel, State, is_free
 from ..models.mlp import MLPClamped, PMLP
 from .library import KernelUnavailable, kernel_dtypes, load_kernel
 
 _CORES = {"sigmoid": 0, "clamp01": 1}
+_HEADS = (SquaredError, SoftmaxReadout)
 #: the kernel's own limit on threads (MAX_THREADS in mlp_phase.c)
 MAX_THREADS = 64
 
 
 def kernel_runs_model(model: EnergyModel) -> bool:
     """Whether the kernel implements this model's step (the tensors are checked at each phase)."""
-    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model.head) is SquaredError
+    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model.head) in _HEADS
             and model.activation.kernel_core in _CORES)
 
 
@@ -45,7 +46,7 @@ def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     dtype = state[0].dtype
-    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down]
+    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down, *model.head.parameters()]
     return (dtype in kernel_dtypes() and len(state) == len(clamped.offsets)
             and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and all(s.dim() == 2 and s.shape[0] == state[0].shape[0] for s in state))
@@ -102,10 +103,14 @@ class KernelPhases:
         sizes = [s.shape[1] for s in state]
         if any(isinstance(t, Tensor) and t.device.type != "cpu" for t in (beta, target)):
             return None
+        head = model.head
+        readout = head.linear if isinstance(head, SoftmaxReadout) else None
         betas = _per_sample_beta(beta, batch, dtype)
-        if betas is False or (betas is not None and (target is None or target.shape != (batch, sizes[-1]))):
+        target_shape = (batch, head.classes if readout is not None else sizes[-1])
+        if betas is False or (betas is not None and (target is None or target.shape != target_shape)):
             return None
         targets = None if betas is None else target.to(dtype).contiguous()
+        readout_weight = None if readout is None else readout.weight.contiguous()
         offsets = [clamped.offsets[0].contiguous()] + [o.reshape(-1).contiguous() for o in clamped.offsets[1:]]
         weights = [w.contiguous() for w in clamped.weights]
         top_down = [t.contiguous() for t in clamped.top_down]
@@ -115,7 +120,10 @@ class KernelPhases:
         status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers([None] + weights[1:]),
                         _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
                         _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
-                        None if targets is None else targets.data_ptr(), int(model.head.nudge_inside),
+                        None if targets is None else targets.data_ptr(), int(head.nudge_inside),
+                        0 if readout is None else head.classes,
+                        None if readout is None else readout_weight.data_ptr(),
+                        None if readout is None else readout.bias.data_ptr(),
                         _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
         if status:
             raise MemoryError("eqprop's C kernel could not allocate its scratch state")
