@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
+from eqprop.cpu_kernels import KernelPhases
 from eqprop.training.trainer import phase_runner, place_model
 from eqprop.presets import load_preset, preset_names
 
@@ -31,10 +32,11 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     """Seconds per training step of ``config`` with the estimator ``estimator_name``: the fastest
     of ``repeats`` timed blocks of ``steps`` steps (on a shared or virtual machine, the minimum
     is the least disturbed by other work and stolen CPU time)."""
-    train = config.train.model_copy(update={"compile": compile_phases, "cuda_graphs": cuda_graphs,
-                                            "cpu_kernels": cpu_kernels, "cpu_kernel_threads": kernel_threads})
-    config = config.model_copy(update={"estimator": config.estimator.model_copy(update={"name": estimator_name}),
-                                       "train": train})
+    data = config.model_dump(mode="json")
+    data["estimator"]["name"] = estimator_name
+    data["train"].update(compile=compile_phases, cuda_graphs=cuda_graphs, cpu_kernels=cpu_kernels,
+                         cpu_kernel_threads=kernel_threads)
+    config = validate_config(data)  # a bad --kernel-threads is refused as in training
     dtype = build.DTYPES[config.train.dtype]
     # placed and configured as a training run is: dtype, layout, TF32 on CUDA
     model = place_model(build.build_model(config), config, device)
@@ -43,6 +45,10 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     if compile_phases:
         estimator.compile()
     estimator.run_phase = phase_runner(config, device)  # as training runs them
+    if isinstance(estimator.run_phase, KernelPhases):
+        estimator.run_phase.prepare(model)  # built before the clock starts
+        if estimator.run_phase.unavailable:
+            raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
     optimizer = build.build_optimizer(config.optim, model)
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,24 @@ def data_root() -> Path:
     for dataset in ("mnist", "cifar10"):
         shared_path("data", dataset)
     return shared_path("data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The C kernel is built into a folder of this test session, not the user's cache."""
+    previous = os.environ.get("EQPROP_KERNEL_CACHE")
+    os.environ["EQPROP_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
+    yield
+    if previous is None:
+        del os.environ["EQPROP_KERNEL_CACHE"]
+    else:
+        os.environ["EQPROP_KERNEL_CACHE"] = previous
+
+
+def require_c_compiler() -> None:
+    """Skip where no C compiler exists (the C kernel's tests would test the PyTorch fallback)."""
+    if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine")
 
 
 def load_vectors(case: str, pure_f64: bool = False) -> dict[str, np.ndarray]:

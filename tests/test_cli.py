@@ -160,7 +160,8 @@ def test_without_a_c_compiler_training_warns_in_one_line_and_runs(capsys, tmp_pa
     monkeypatch.setenv("CC", str(tmp_path / "no-compiler"))
     forget_loaded_kernels()
     try:
-        status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), "--epochs", "1", *FAST)
+        status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu",
+                             *FAST)
     finally:
         forget_loaded_kernels()
     assert status == 0

@@ -14,14 +14,25 @@ from eqprop.dynamics import run_phase
 from eqprop.models import PMLP
 from eqprop.models.vf import VFMLP
 
+from conftest import require_c_compiler
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
     """Where a C compiler exists the kernel must build (else these tests would test the fallback)."""
-    if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
-        pytest.skip("no C compiler on this machine")
+    require_c_compiler()
     for dtype in (torch.float32, torch.float64):
         load_kernel(dtype)
+
+
+class KernelOnly(KernelPhases):
+    """:class:`KernelPhases` that fails instead of falling back: these tests must run the kernel."""
+
+    def __call__(self, model, clamped, state, steps, beta=0.0, target=None):
+        assert kernel_applies(model, clamped, state)
+        result = self._run(self._load(state[0].dtype), model, clamped, state, steps, beta, target)
+        assert result is not None
+        return result
 
 
 def batch_for(model: PMLP, batch: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +63,7 @@ def test_kernel_phases_equal_pytorch_phases(sizes, activation, loss, inside, dty
     torch.manual_seed(1)
     model = PMLP(sizes, activation, loss, inside).to(dtype)
     x, target = batch_for(model, batch, dtype)
-    kernel = KernelPhases(threads)
+    kernel = KernelOnly(threads)
     signs = torch.where(torch.rand(batch, 1) < 0.5, 1.0, -1.0).to(dtype)
     with torch.no_grad():
         clamped = model.clamp(x)
@@ -74,7 +85,7 @@ def test_vector_field_model_uses_its_own_backward_weights():
     with torch.no_grad():
         clamped = model.clamp(x)
         free = run_phase(model, clamped, model.init_state(x), 20)
-        got = KernelPhases(2)(model, clamped, model.init_state(x), 20)
+        got = KernelOnly(2)(model, clamped, model.init_state(x), 20)
         assert max_difference(got, free) < 1e-12
         tied = PMLP([20, 16, 16, 6], "scaled_sigmoid", "mse").double()
         tied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backward")},
@@ -90,7 +101,7 @@ def test_the_starting_state_is_read_not_overwritten(steps):
         clamped = model.clamp(x)
         start = [torch.rand(9, n, dtype=torch.float64) for n in (6, 4)]
         kept = [s.clone() for s in start]
-        got = KernelPhases(2)(model, clamped, start, steps, 0.5, target)
+        got = KernelOnly(2)(model, clamped, start, steps, 0.5, target)
         expected = run_phase(model, clamped, start, steps, 0.5, target)
     assert all(torch.equal(a, b) for a, b in zip(start, kept))
     assert max_difference(got, expected) < 1e-12
@@ -102,7 +113,7 @@ def test_results_do_not_depend_on_the_thread_count():
     x, target = batch_for(model, 64, torch.float32)
     with torch.no_grad():
         clamped = model.clamp(x)
-        runs = [KernelPhases(threads)(model, clamped, model.init_state(x), 30) for threads in (1, 2, 5, 16)]
+        runs = [KernelOnly(threads)(model, clamped, model.init_state(x), 30) for threads in (1, 2, 5, 16)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
@@ -117,7 +128,7 @@ def test_nan_and_inf_propagate_as_in_pytorch(activation):
         clamped.offsets[0][1, :] = float("inf")
         clamped.offsets[0][2, :] = -float("inf")
         expected = run_phase(model, clamped, model.init_state(x), 4)
-        got = KernelPhases(2)(model, clamped, model.init_state(x), 4)
+        got = KernelOnly(2)(model, clamped, model.init_state(x), 4)
     for a, b in zip(got, expected):
         assert torch.equal(a.isnan(), b.isnan())
         assert torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-12)
@@ -130,7 +141,7 @@ def test_float32_sigmoid_saturates_like_pytorch():
     with torch.no_grad():
         clamped = model.clamp(x)
         clamped.offsets[0].copy_(torch.tensor([[-1e4], [-90.0], [88.5], [1e4]]).expand(4, 4))
-        got = KernelPhases(1)(model, clamped, model.init_state(x), 1)
+        got = KernelOnly(1)(model, clamped, model.init_state(x), 1)
         expected = run_phase(model, clamped, model.init_state(x), 1)
     assert torch.allclose(got[0], expected[0], atol=1e-30, rtol=0)
 

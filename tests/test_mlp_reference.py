@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_vectors
+from conftest import load_vectors, require_c_compiler
 from eqprop.cpu_kernels import KernelPhases
 from eqprop.dynamics import run_phase
 from eqprop.estimators import Phases, build_estimator
@@ -39,8 +39,15 @@ def case(request):
 
 @pytest.fixture(params=["torch", "kernel"])
 def runner(request):
-    """What runs the phases: PyTorch's steps, or the C kernel on three threads."""
-    return run_phase if request.param == "torch" else KernelPhases(threads=3)
+    """What runs the phases: PyTorch's steps, or the C kernel on three threads (which must
+    have run, not fallen back to PyTorch)."""
+    if request.param == "torch":
+        yield run_phase
+        return
+    require_c_compiler()
+    kernel = KernelPhases(threads=3)
+    yield kernel
+    assert not kernel.unavailable
 
 
 def test_states_match_reference(case, runner):

@@ -191,19 +191,26 @@ def test_phase_runner_follows_device_and_settings():
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_kernel_run_follows_the_pytorch_run(tmp_path, monkeypatch, loss):
     """The C kernel's training run stays on the PyTorch run's path (float64: rounding only)."""
+    from conftest import require_c_compiler
     from eqprop.cpu_kernels import KernelPhases
-    kernel_phases = []
-    run = KernelPhases._run
+    require_c_compiler()
+    phases, by_kernel = [], []
+    call, run = KernelPhases.__call__, KernelPhases._run
 
-    def counted(self, *args):
+    def counted_call(self, *args, **kwargs):
+        phases.append(1)
+        return call(self, *args, **kwargs)
+
+    def counted_run(self, *args):
         result = run(self, *args)
-        kernel_phases.append(result is not None)
+        by_kernel.append(result is not None)
         return result
-    monkeypatch.setattr(KernelPhases, "_run", counted)
-    runs = [train(small_config(model={"loss": loss}, train={"dtype": "float64", "cpu_kernels": on}),
+    monkeypatch.setattr(KernelPhases, "__call__", counted_call)
+    monkeypatch.setattr(KernelPhases, "_run", counted_run)
+    runs = [train(small_config(model={"loss": loss}, train={"dtype": "float64", "cpu_kernels": on, "device": "cpu"}),
                   tmp_path / str(on), log=quiet)
             for on in (True, False)]
-    assert kernel_phases and all(kernel_phases)  # every phase of the first run was the kernel's
+    assert phases and len(by_kernel) == len(phases) and all(by_kernel)  # every phase ran in the kernel
     for kernel, eager in zip(*runs):
         assert kernel["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-9)
         assert kernel["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-9)

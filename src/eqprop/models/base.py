@@ -134,8 +134,8 @@ class EnergyModel(nn.Module):
                                scale: float = 1.0) -> list[Tensor]:
         """``scale · (G(second) - G(first))``: what every EP estimate needs (override to share
         work, e.g. the clamped input is the same in both states, or to fold ``scale`` into it)."""
-        return [(a - b).mul_(scale) for a, b in zip(self.param_grads(clamped, second),
-                                                    self.param_grads(clamped, first))]
+        differences = [a - b for a, b in zip(self.param_grads(clamped, second), self.param_grads(clamped, first))]
+        return differences if scale == 1.0 else [d.mul_(scale) for d in differences]
 
     def nudged_param_grads(self, clamped: Clamped, state: State, beta: float,
                            target: Tensor) -> list[Tensor]:

@@ -156,7 +156,7 @@ class VectorFieldModel(EnergyModel):
 
     def param_grads_difference(self, clamped: Clamped, second: State, first: State,
                                scale: float = 1.0) -> list[Tensor]:
-        return self.param_grads(clamped, second)
+        return self.param_grads(clamped, second)  # raises: no ∂Φ/∂θ, whatever the scale
 
     def vector_field_grads(self, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
         """``(∂u/∂θ at state)^T · delta``, batch mean, aligned with :meth:`phi_parameters`."""
