@@ -24,6 +24,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -352,10 +353,14 @@ static void forget_workers(void) {
 }
 
 /* Start workers up to `wanted` (index 1 on; the caller is thread 0); returns how many threads,
- * the caller included, are available. */
+ * the caller included, are available. Workers block every signal, so that a signal such as
+ * Ctrl-C always reaches the calling (Python) thread, never a worker. */
 static int64_t start_workers(int64_t wanted) {
     static int registered = 0;
     if (!registered) registered = pthread_atfork(NULL, NULL, forget_workers) == 0;
+    sigset_t all, caller;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &caller);  /* inherited by the threads created here */
     while (started_workers + 1 < wanted) {
         Worker *w = &workers[started_workers + 1];
         atomic_store(&w->status, IDLE);
@@ -363,6 +368,7 @@ static int64_t start_workers(int64_t wanted) {
         pthread_detach(w->handle);
         started_workers++;
     }
+    pthread_sigmask(SIG_SETMASK, &caller, NULL);
     return started_workers + 1 < wanted ? started_workers + 1 : wanted;
 }
 
