@@ -243,3 +243,13 @@ def test_a_checkpoint_of_an_older_release_resumes(tmp_path):
     save_checkpoint(tmp_path / CHECKPOINT, payload)
     two = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
     assert [r["epoch"] for r in train(two, tmp_path, resume=True, log=quiet)] == [1, 2]
+
+
+def test_estimators_that_move_the_weights_do_not_trip_the_scheduler_warning(tmp_path):
+    import warnings
+    config = small_config(estimator={"name": "c_ep"}, optim={"name": "sgd", "lr": [0.01, 0.005]},
+                          train={"epochs": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, tmp_path, log=quiet)
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]

@@ -10,6 +10,7 @@ vector-field models, ``angles.png`` (the W–B^T angle per layer, logged as
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                             bf16_autocast=config.train.bf16_autocast)
         with warnings.catch_warnings():
             if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             scheduler.step()
         test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1, estimator.run_phase)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
