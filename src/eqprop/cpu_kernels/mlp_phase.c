@@ -31,13 +31,18 @@
 #include <string.h>
 #include <time.h>
 
+/* VECTOR_BYTES: the SIMD register width the build targets (64 with AVX-512, else 32). */
+#ifdef __AVX512F__
+#define VECTOR_BYTES 64
+#else
+#define VECTOR_BYTES 32
+#endif
 #ifdef EQPROP_DOUBLE
 typedef double REAL;
-#define LANES 4
 #else
 typedef float REAL;
-#define LANES 8
 #endif
+#define LANES (VECTOR_BYTES / (int)sizeof(REAL))
 
 #define CORE_SIGMOID 0
 #define CORE_CLAMP01 1
@@ -88,9 +93,9 @@ static void activate(REAL *restrict u, int64_t count, int64_t core) {
     }
 }
 
-/* LANES values of REAL in one SIMD register (GCC/Clang vector extension: AVX2 where the
- * processor has it, narrower registers otherwise). */
-typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
+/* LANES values of REAL in one SIMD register (GCC/Clang vector extension: AVX-512 or AVX2 where
+ * the processor has them; the compiler splits the vector into narrower registers otherwise). */
+typedef REAL vec __attribute__((vector_size(VECTOR_BYTES)));
 
 static inline vec load(const REAL *p) {
     vec v;
