@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
 from eqprop.cpu_kernels import KernelPhases
-from eqprop.training.trainer import phase_runner, place_model
+from eqprop.training.trainer import attach_phase_runner, place_model
 from eqprop.presets import load_preset, preset_names
 
 
@@ -44,11 +44,9 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
     if compile_phases:
         estimator.compile()
-    estimator.run_phase = phase_runner(config, device)  # as training runs them
-    if isinstance(estimator.run_phase, KernelPhases):
-        estimator.run_phase.prepare(model)  # built before the clock starts
-        if estimator.run_phase.unavailable:
-            raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
+    attach_phase_runner(estimator, model, config, device)  # as training runs the phases
+    if isinstance(estimator.run_phase, KernelPhases) and estimator.run_phase.unavailable:
+        raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
     optimizer = build.build_optimizer(config.optim, model)
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from eqprop.cpu_kernels import KernelPhases, kernel_applies
+from eqprop.cpu_kernels.library import CACHE_ENV_VAR
+
 torch.set_num_threads(1)
 
 SHARED = Path(os.environ.get("EQPROP_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -36,13 +39,24 @@ def data_root() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory):
     """The C kernel is built into a folder of this test session, not the user's cache."""
-    previous = os.environ.get("EQPROP_KERNEL_CACHE")
-    os.environ["EQPROP_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
+    previous = os.environ.get(CACHE_ENV_VAR)
+    os.environ[CACHE_ENV_VAR] = str(tmp_path_factory.mktemp("kernels"))
     yield
     if previous is None:
-        del os.environ["EQPROP_KERNEL_CACHE"]
+        del os.environ[CACHE_ENV_VAR]
     else:
-        os.environ["EQPROP_KERNEL_CACHE"] = previous
+        os.environ[CACHE_ENV_VAR] = previous
+
+
+class KernelOnly(KernelPhases):
+    """:class:`~eqprop.cpu_kernels.KernelPhases` that fails instead of falling back to PyTorch:
+    for tests that must run the C kernel."""
+
+    def __call__(self, model, clamped, state, steps, beta=0.0, target=None):
+        assert kernel_applies(model, clamped, state)
+        result = self._run(self._load(state[0].dtype), model, clamped, state, steps, beta, target)
+        assert result is not None
+        return result
 
 
 def require_c_compiler() -> None:

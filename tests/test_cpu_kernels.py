@@ -14,7 +14,7 @@ from eqprop.dynamics import run_phase
 from eqprop.models import PMLP
 from eqprop.models.vf import VFMLP
 
-from conftest import require_c_compiler
+from conftest import KernelOnly, require_c_compiler
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,16 +23,6 @@ def kernel_built() -> None:
     require_c_compiler()
     for dtype in (torch.float32, torch.float64):
         load_kernel(dtype)
-
-
-class KernelOnly(KernelPhases):
-    """:class:`KernelPhases` that fails instead of falling back: these tests must run the kernel."""
-
-    def __call__(self, model, clamped, state, steps, beta=0.0, target=None):
-        assert kernel_applies(model, clamped, state)
-        result = self._run(self._load(state[0].dtype), model, clamped, state, steps, beta, target)
-        assert result is not None
-        return result
 
 
 def batch_for(model: PMLP, batch: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +205,7 @@ def test_a_build_is_cached_and_keyed_by_its_inputs(monkeypatch, tmp_path):
 def test_a_target_on_another_device_is_left_to_pytorch():
     model = PMLP([10, 8, 4]).double()
     x, target = batch_for(model, 6, torch.float64)
-    with torch.no_grad(), pytest.raises(RuntimeError):  # PyTorch's device error, not a crash
+    with torch.no_grad(), pytest.raises(RuntimeError, match="device"):  # PyTorch's device error, not a crash
         KernelPhases(2)(model, model.clamp(x), model.init_state(x), 3, 0.5, target.to("meta"))
 
 

@@ -111,15 +111,18 @@ def two_updates(model, estimator: str, graphs: bool, autocast: bool = False, bat
 def test_cuda_graphs_equal_eager_phases_and_see_updated_weights(name, estimator):
     eager = two_updates(MODELS[name]().to(CUDA), estimator, graphs=False)
     graphed = two_updates(MODELS[name]().to(CUDA), estimator, graphs=True)
-    assert relative(graphed[0], eager[0]) < 1e-5
-    assert relative(graphed[1], eager[1]) < 1e-5
+    assert graphed[2] > 0                      # the training phases were captured, not run eagerly
+    assert relative(graphed[0], eager[0]) < 1e-6
+    assert relative(graphed[1], eager[1]) < 1e-6
 
 
 def test_cuda_graphs_under_bf16_autocast_see_updated_weights():
     eager = two_updates(cnn("ce").to(CUDA), "symmetric", graphs=False, autocast=True)
     graphed = two_updates(cnn("ce").to(CUDA), "symmetric", graphs=True, autocast=True)
-    assert relative(graphed[0], eager[0]) < 1e-2
-    assert relative(graphed[1], eager[1]) < 1e-2
+    assert graphed[2] > 0
+    # a stale autocast cache (weights cast once, before the capture) gave about 1e-2 here
+    assert relative(graphed[0], eager[0]) < 1e-4
+    assert relative(graphed[1], eager[1]) < 1e-4
 
 
 def test_cuda_graphs_fall_back_to_eager_phases_with_dropout():

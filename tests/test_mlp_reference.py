@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_vectors, require_c_compiler
-from eqprop.cpu_kernels import KernelPhases
+from conftest import KernelOnly, load_vectors, require_c_compiler
 from eqprop.dynamics import run_phase
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models import PMLP
@@ -39,15 +38,13 @@ def case(request):
 
 @pytest.fixture(params=["torch", "kernel"])
 def runner(request):
-    """What runs the phases: PyTorch's steps, or the C kernel on three threads (which must
-    have run, not fallen back to PyTorch)."""
+    """What runs the phases: PyTorch's steps, or the C kernel on three threads (which fails
+    rather than fall back to PyTorch)."""
     if request.param == "torch":
         yield run_phase
         return
     require_c_compiler()
-    kernel = KernelPhases(threads=3)
-    yield kernel
-    assert not kernel.unavailable
+    yield KernelOnly(threads=3)
 
 
 def test_states_match_reference(case, runner):

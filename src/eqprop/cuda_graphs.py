@@ -57,6 +57,12 @@ def _structure(value: Any) -> Any:
     return value
 
 
+def _aliases(tensors: list[Tensor]) -> tuple[int, ...]:
+    """For each tensor, the index of its first occurrence in ``tensors`` (which inputs are one tensor)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
+
+
 def _rebuild(value: Any, tensors: list[Tensor]) -> Any:
     """``value`` with its tensors replaced, in order, by those popped from ``tensors``."""
     if isinstance(value, Tensor):
@@ -72,7 +78,8 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     inputs: list[Tensor | None]   # static copies of the clamped tensors, the state, the target and β
-                                  # (None: the input is a parameter or a view of one, read in place)
+                                  # (None: a parameter or a view of one, read in place, or a repeat
+                                  # of an earlier input, copied once)
     outputs: State
 
 
@@ -98,7 +105,7 @@ class PhaseGraphs:
         inputs = _tensor_leaves(fields) + list(state) + extras
         key = (id(model), tuple(p.data_ptr() for p in model.parameters()), model.training, steps,
                None if isinstance(beta, Tensor) else float(beta), type(clamped), _structure(fields),
-               _structure(list(state) + extras), target is None,
+               _structure(list(state) + extras), _aliases(inputs), target is None,
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         entry = self._graphs.get(key)
         if entry is None:
@@ -120,9 +127,19 @@ class PhaseGraphs:
                  beta: float | Tensor, target: Tensor | None, inputs: list[Tensor]) -> _Graph:
         # a clamped input may hold the weights themselves (the P-MLP's, looked up once per batch):
         # those are read in place like every parameter, not copied before each replay
+        # and a tensor that appears twice (a drive that is also the first offset) gets one buffer and one copy
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        static = [None if t.untyped_storage().data_ptr() in weights else t.detach().clone() for t in inputs]
-        pool = [t if s is None else s for t, s in zip(inputs, static)]
+        static: list[Tensor | None] = []
+        pool: list[Tensor] = []
+        buffers: dict[int, Tensor] = {}
+        for t in inputs:
+            if t.untyped_storage().data_ptr() in weights or id(t) in buffers:
+                static.append(None)
+                pool.append(buffers.get(id(t), t))
+            else:
+                buffers[id(t)] = t.detach().clone()
+                static.append(buffers[id(t)])
+                pool.append(buffers[id(t)])
         static_clamped = dataclasses.replace(clamped, **{f.name: _rebuild(getattr(clamped, f.name), pool)
                                                          for f in dataclasses.fields(clamped)})
         static_state = [pool.pop(0) for _ in range(n_state)]

@@ -112,12 +112,12 @@ class KernelPhases:
         targets = None if betas is None else target.to(dtype).contiguous()
         readout_weight = None if readout is None else readout.weight.contiguous()
         offsets = [clamped.offsets[0].contiguous()] + [o.reshape(-1).contiguous() for o in clamped.offsets[1:]]
-        weights = [w.contiguous() for w in clamped.weights]
+        weights = [None] + [w.contiguous() for w in clamped.weights[1:]]  # W_1: its drive is in the offset
         top_down = [t.contiguous() for t in clamped.top_down]
         _check_shapes(sizes, batch, offsets, weights, top_down)
         initial = [s.contiguous() for s in state]
         final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
-        status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers([None] + weights[1:]),
+        status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers(weights),
                         _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
                         _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
                         None if targets is None else targets.data_ptr(), int(head.nudge_inside),
@@ -159,7 +159,7 @@ def _per_sample_beta(beta: float | Tensor, batch: int, dtype: torch.dtype) -> Te
     return False
 
 
-def _check_shapes(sizes: list[int], batch: int, offsets: list[Tensor], weights: list[Tensor],
+def _check_shapes(sizes: list[int], batch: int, offsets: list[Tensor], weights: list[Tensor | None],
                   top_down: list[Tensor]) -> None:
     """The clamped input must describe the state's layers (a mismatch is a bug in the model)."""
     expected = ([(batch, sizes[0])] + [(n,) for n in sizes[1:]]

@@ -295,7 +295,7 @@ class ContinualEP(Estimator):
 
     def check_model(self, model: EnergyModel) -> None:
         """Refuse a model the rule cannot train (C-VF: no vector_field_grads)."""
-        if self.rule == "vf" and getattr(model, "vector_field_grads", None) is None:
+        if self.rule == "vf" and not model.is_vector_field:
             raise TypeError(f"{self.name} needs a vector-field model (with vector_field_grads); "
                             f"{type(model).__name__} has none")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
-from ..models.vf import VectorFieldModel
 from .base import head_difference, register
 from .symmetric import SymmetricEP
 from .vf import vector_field_grads
@@ -38,7 +37,7 @@ class SymmetricVF(SymmetricEP):
                   minus: State) -> list[Tensor]:
         """Eq. 20 for every trainable parameter (the head: its symmetric EP update); on a
         prototypical model eq. 20 is symmetric EP (module docstring)."""
-        if not isinstance(model, VectorFieldModel):
+        if not model.is_vector_field:
             return super().direction(model, clamped, target, plus, minus)
         beta = self.phases.beta
         grads = [a.sub_(b).mul_(0.5 / beta) for a, b in zip(vector_field_grads(model, clamped, plus, plus),

@@ -26,14 +26,14 @@ from .one_sided import OneSidedEP
 def vector_field_grads(model: EnergyModel, clamped: Clamped, state: State, delta: State) -> list[Tensor]:
     """``(∂F/∂θ at state)^T · delta`` for the parameters of the dynamics (head excluded), batch mean.
 
-    Vector-field models give it in closed form (their ``vector_field_grads``). For a prototypical model
+    Vector-field models (``model.is_vector_field``) give it in closed form (their
+    ``vector_field_grads``). For a prototypical model
     F = ∂Φ/∂s, so this is ``∂/∂θ (∂Φ/∂s · delta)``, by double autograd of Φ with
     the state held fixed (pooling indices at ``state``); a tied weight collects
     both its forward and its backward role, as eq. 10 prescribes.
     """
-    closed = getattr(model, "vector_field_grads", None)
-    if closed is not None:
-        return closed(clamped, state, delta)
+    if model.is_vector_field:
+        return model.vector_field_grads(clamped, state, delta)
     params = model.phi_parameters()
     with torch.enable_grad():
         leaves = [s.detach().requires_grad_() for s in state]

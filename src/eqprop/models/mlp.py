@@ -21,8 +21,9 @@ from .base import Clamped, EnergyModel, State, is_free
 
 def batch_outer(post: Tensor, pre: Tensor, batch: int, scale: float = 1.0) -> Tensor:
     """``scale · post^T pre / batch`` (a weight gradient's batch mean). The factor is the
-    matmul's alpha (beta=0 ignores the input): BLAS scales the product instead of a second pass."""
-    return torch.addmm(post.new_zeros(()), post.t(), pre, beta=0.0, alpha=scale / batch)
+    matmul's alpha (beta=0 ignores the input, so it need not even be filled): BLAS scales the
+    product instead of a second pass."""
+    return torch.addmm(post.new_empty(()), post.t(), pre, beta=0.0, alpha=scale / batch)
 
 
 @dataclass
@@ -44,11 +45,10 @@ class MLPClamped(Clamped):
     top_down: list[Tensor] = field(default_factory=list)
 
     def repeat_batch(self, times: int) -> "MLPClamped":
-        # torch.cat of ``times`` copies: about 3x faster than Tensor.repeat on CPU for these shapes
-        def rep(t: Tensor) -> Tensor:
-            return torch.cat([t] * times)
-        offsets = [rep(self.offsets[0])] + self.offsets[1:]
-        return MLPClamped(rep(self.x), rep(self.drive), offsets, self.transposed, self.weights, self.top_down)
+        # the tensor fields repeat as in every Clamped; of the offsets only the first layer's is per sample
+        repeated = super().repeat_batch(times)
+        repeated.offsets = [torch.cat([self.offsets[0]] * times)] + self.offsets[1:]
+        return repeated
 
 
 class PMLP(EnergyModel):

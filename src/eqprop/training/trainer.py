@@ -27,6 +27,8 @@ from ..cpu_kernels import KernelPhases
 from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
 from ..dynamics import PhaseRunner, run_phase
+from ..estimators import Estimator
+from ..models import EnergyModel
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
@@ -112,9 +114,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     estimator = build.build_estimator_from(config, generators.estimator)
     if config.train.compile:
         estimator.compile()
-    estimator.run_phase = phase_runner(config, device)
-    if isinstance(estimator.run_phase, KernelPhases):
-        estimator.run_phase.prepare(model)
+    attach_phase_runner(estimator, model, config, device)
     optimizer = build.build_optimizer(config.optim, model)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
@@ -199,6 +199,15 @@ def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
     return run_phase
 
 
+def attach_phase_runner(estimator: Estimator, model: EnergyModel, config: RunConfig,
+                        device: torch.device) -> None:
+    """Give ``estimator`` the run's phase runner; the C kernel is built now, before any clock
+    starts, if it will run this model's phases."""
+    estimator.run_phase = phase_runner(config, device)
+    if isinstance(estimator.run_phase, KernelPhases):
+        estimator.run_phase.prepare(model)
+
+
 def place_model(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
     """Move the model to the run's device, dtype and (conv models) memory layout."""
     model = model.to(device=device, dtype=build.DTYPES[config.train.dtype])
@@ -260,7 +269,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
                         device: str | None = None, test_subset: int | None = None) -> dict[str, float]:
     """Test loss and error of the model saved in a checkpoint."""
     checkpoint = load_checkpoint(path)
-    config = checkpoint_config(path)
+    config = checkpoint_config(path, checkpoint)
     if data_dir is None:
         data_dir = checkpoint.get("data_dir")  # the data the run was trained on
     updates: dict[str, Any] = {}
