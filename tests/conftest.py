@@ -54,7 +54,9 @@ class KernelOnly(KernelPhases):
 
     def __call__(self, model, clamped, state, steps, beta=0.0, target=None):
         assert kernel_applies(model, clamped, state)
-        result = self._run(self._load(state[0].dtype), model, clamped, state, steps, beta, target)
+        kernel = self.kernel_for(state[0].dtype)
+        assert kernel is not None, self.unavailable
+        result = self._run(kernel, model, clamped, state, steps, beta, target)
         assert result is not None
         return result
 

@@ -25,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,6 +44,16 @@ class KernelUnavailable(RuntimeError):
     """The C kernel cannot be built or loaded here (the message says why)."""
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """The built library's entry points, with their C signatures (ctypes releases the GIL
+    while they run); see mlp_phase.c for what each computes."""
+
+    phase: ctypes._CFuncPtr   # type: ignore[name-defined]  # eqprop_mlp_phase: a whole phase
+    linear: ctypes._CFuncPtr  # type: ignore[name-defined]  # eqprop_linear: x W^T + b
+    outer: ctypes._CFuncPtr   # type: ignore[name-defined]  # eqprop_outer: alpha left^T right
+
+
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
     """The floating types the kernel is built for."""
     return tuple(_TYPE_FLAGS)
@@ -55,8 +66,8 @@ def cache_folder() -> Path:
     return Path(from_env).expanduser() if from_env else user_cache_folder("kernels")
 
 
-def load_kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    """The kernel's ``eqprop_mlp_phase`` for ``dtype`` (float32 or float64), built if needed.
+def load_kernel(dtype: torch.dtype) -> Kernel:
+    """The kernel for ``dtype`` (float32 or float64), built if needed.
 
     Raises :class:`KernelUnavailable`. Successes and failures are both kept for
     the process (:func:`forget_loaded_kernels` forgets them), so a machine
@@ -71,7 +82,7 @@ def load_kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:  # type: ignore[name-de
 
 
 @lru_cache(maxsize=None)
-def _load_or_reason(dtype: torch.dtype) -> ctypes._CFuncPtr | str:  # type: ignore[name-defined]
+def _load_or_reason(dtype: torch.dtype) -> Kernel | str:
     """The loaded kernel, or why it could not be built (returned, not raised, so it is cached)."""
     command = shlex.split(os.environ.get("CC", ""))
     if not command:
@@ -93,7 +104,7 @@ def _load_or_reason(dtype: torch.dtype) -> ctypes._CFuncPtr | str:  # type: igno
             if not path.exists():
                 _compile(command, flags, path)
             return _bind(ctypes.CDLL(str(path)))
-        except (OSError, subprocess.SubprocessError, KernelUnavailable) as error:
+        except (OSError, AttributeError, subprocess.SubprocessError, KernelUnavailable) as error:
             errors.append(f"{' '.join(flags)}: {error}")
     return "could not build the C kernel: " + "; ".join(errors)
 
@@ -162,11 +173,19 @@ def _compile(command: list[str], flags: list[str], path: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    """The kernel function with its C signature (ctypes releases the GIL while it runs)."""
-    function = library.eqprop_mlp_phase
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [i64, pointer, pointer, pointer, pointer, ctypes.c_double, i64, pointer, pointer,
-                         i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64]
-    function.restype = ctypes.c_int
-    return function
+def _bind(library: ctypes.CDLL) -> Kernel:
+    """The library's entry points with their C signatures."""
+    pointer, i64, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    signatures = {
+        "eqprop_mlp_phase": [i64, pointer, pointer, pointer, pointer, real, i64, pointer, pointer,
+                             i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64],
+        "eqprop_linear": [pointer, pointer, pointer, pointer, i64, i64, i64, i64],
+        "eqprop_outer": [pointer, pointer, pointer, i64, i64, i64, real, i64],
+    }
+    functions = []
+    for name, arguments in signatures.items():
+        function = getattr(library, name)
+        function.argtypes = arguments
+        function.restype = ctypes.c_int
+        functions.append(function)
+    return Kernel(*functions)

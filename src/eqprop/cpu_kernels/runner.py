@@ -25,7 +25,8 @@ from ..dynamics import run_phase
 from ..heads import SoftmaxReadout, SquaredError
 from ..models.base import Clamped, EnergyModel, State, is_free
 from ..models.mlp import MLPClamped, PMLP
-from .library import KernelUnavailable, kernel_dtypes, load_kernel
+from .library import Kernel, KernelUnavailable, kernel_dtypes, load_kernel
+from .products import KernelProducts
 
 _CORES = {"sigmoid": 0, "clamp01": 1}
 _HEADS = (SquaredError, SoftmaxReadout)
@@ -67,11 +68,13 @@ class KernelPhases:
         self.threads = min(threads or available_cores(), MAX_THREADS)
         #: why the kernel could not be built, per floating type (those phases run in PyTorch)
         self.unavailable: dict[torch.dtype, str] = {}
+        #: a fully connected model's drive and weight gradients on the same kernel and threads
+        self.products = KernelProducts(self.kernel_for, self.threads)
 
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
-        if kernel_applies(model, clamped, state) and state[0].dtype not in self.unavailable:
-            kernel = self._load(state[0].dtype)
+        if kernel_applies(model, clamped, state):
+            kernel = self.kernel_for(state[0].dtype)
             if kernel is not None:
                 result = self._run(kernel, model, clamped, state, steps, beta, target)
                 if result is not None:
@@ -83,10 +86,12 @@ class KernelPhases:
         time does not include the build)."""
         parameter = next(model.parameters(), None)
         if kernel_runs_model(model) and parameter is not None and parameter.dtype in kernel_dtypes():
-            self._load(parameter.dtype)
+            self.kernel_for(parameter.dtype)
 
-    def _load(self, dtype: torch.dtype) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    def kernel_for(self, dtype: torch.dtype) -> Kernel | None:
         """The kernel for ``dtype``; None (once warned) where it cannot be built."""
+        if dtype in self.unavailable:
+            return None
         try:
             return load_kernel(dtype)
         except KernelUnavailable as error:
@@ -95,8 +100,8 @@ class KernelPhases:
                           stacklevel=3)
             return None
 
-    def _run(self, kernel: ctypes._CFuncPtr, model: PMLP, clamped: MLPClamped,  # type: ignore[name-defined]
-             state: State, steps: int, beta: float | Tensor, target: Tensor | None) -> State | None:
+    def _run(self, kernel: Kernel, model: PMLP, clamped: MLPClamped, state: State, steps: int,
+             beta: float | Tensor, target: Tensor | None) -> State | None:
         """The phase by the kernel, or None where β or the target are not what it takes (another
         shape or device: PyTorch's step then decides what they mean)."""
         batch, dtype = state[0].shape[0], state[0].dtype
@@ -117,7 +122,7 @@ class KernelPhases:
         _check_shapes(sizes, batch, offsets, weights, top_down)
         initial = [s.contiguous() for s in state]
         final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
-        status = kernel(len(sizes), _array(ctypes.c_int64, sizes), _pointers(weights),
+        status = kernel.phase(len(sizes), _array(ctypes.c_int64, sizes), _pointers(weights),
                         _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
                         _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
                         None if targets is None else targets.data_ptr(), int(head.nudge_inside),

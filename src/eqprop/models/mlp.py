@@ -17,13 +17,7 @@ from ..activations import get_activation
 from ..heads import make_head
 from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State, is_free
-
-
-def batch_outer(post: Tensor, pre: Tensor, batch: int, scale: float = 1.0) -> Tensor:
-    """``scale · post^T pre / batch`` (a weight gradient's batch mean). The factor is the
-    matmul's alpha (beta=0 ignores the input, so it need not even be filled): BLAS scales the
-    product instead of a second pass."""
-    return torch.addmm(post.new_empty(()), post.t(), pre, beta=0.0, alpha=scale / batch)
+from .products import DenseProducts
 
 
 @dataclass
@@ -59,6 +53,10 @@ class PMLP(EnergyModel):
     readout and the state ends at the last hidden layer. The parameter count is
     the same either way.
     """
+
+    #: computes the input drive and the weight gradients; the trainer gives a model on the CPU
+    #: eqprop's C kernel instead (:class:`~eqprop.cpu_kernels.KernelProducts`)
+    products: DenseProducts = DenseProducts()
 
     def __init__(self, sizes: Sequence[int], activation: str = "scaled_sigmoid",
                  loss: str = "mse", nudge_inside: bool = True,
@@ -96,7 +94,7 @@ class PMLP(EnergyModel):
         x = x.flatten(1)
         first = self.layers[0]
         transposed = [n > 0 and layer.out_features < x.shape[0] for n, layer in enumerate(self.layers)]
-        return self.clamped_from_drive(x, torch.addmm(first.bias, x, first.weight.t()), transposed)
+        return self.clamped_from_drive(x, self.products.linear(x, first.weight, first.bias), transposed)
 
     def clamped_from_drive(self, x: Tensor, drive: Tensor, transposed: list[bool]) -> MLPClamped:
         """The :class:`MLPClamped` of ``x`` given its first-layer drive ``W_1 x + b_1`` (the other
@@ -162,7 +160,7 @@ class PMLP(EnergyModel):
         grads = []
         for n, s in enumerate(state):
             below = clamped.x if n == 0 else state[n - 1]
-            grads += [batch_outer(s, below, batch), s.mean(dim=0)]
+            grads += [self.products.outer(s, below, 1.0 / batch), s.mean(dim=0)]
         return grads
 
     def param_grads_difference(self, clamped: Clamped, second: State, first: State,
@@ -177,5 +175,5 @@ class PMLP(EnergyModel):
                 left, right = s2 - s1, clamped.x
             else:
                 left, right = torch.cat([s2, -s1]), torch.cat([second[n - 1], first[n - 1]])
-            grads += [batch_outer(left, right, batch, scale), left.sum(dim=0).mul_(scale / batch)]
+            grads += [self.products.outer(left, right, scale / batch), left.sum(dim=0).mul_(scale / batch)]
         return grads

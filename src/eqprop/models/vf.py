@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State
-from .mlp import PMLP, batch_outer
+from .mlp import PMLP
 
 BACKWARD_INITS = ("independent", "flipped")
 
@@ -188,6 +188,6 @@ class VFMLP(VectorFieldModel, PMLP):
         grads = []
         for n, d in enumerate(delta):
             below = clamped.x if n == 0 else state[n - 1]
-            grads += [batch_outer(d, below, batch), d.mean(dim=0)]
-        grads += [batch_outer(delta[n - 1], state[n], batch) for n in range(1, len(delta))]
+            grads += [self.products.outer(d, below, 1.0 / batch), d.mean(dim=0)]
+        grads += [self.products.outer(delta[n - 1], state[n], 1.0 / batch) for n in range(1, len(delta))]
         return grads

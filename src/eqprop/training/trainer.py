@@ -28,7 +28,7 @@ from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
 from ..dynamics import PhaseRunner, run_phase
 from ..estimators import Estimator
-from ..models import EnergyModel
+from ..models import EnergyModel, PMLP
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
@@ -201,11 +201,20 @@ def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
 
 def attach_phase_runner(estimator: Estimator, model: EnergyModel, config: RunConfig,
                         device: torch.device) -> None:
-    """Give ``estimator`` the run's phase runner; the C kernel is built now, before any clock
-    starts, if it will run this model's phases."""
-    estimator.run_phase = phase_runner(config, device)
-    if isinstance(estimator.run_phase, KernelPhases):
-        estimator.run_phase.prepare(model)
+    """Give ``estimator`` the run's phase runner (:func:`model_phase_runner`)."""
+    estimator.run_phase = model_phase_runner(model, config, device)
+
+
+def model_phase_runner(model: EnergyModel, config: RunConfig, device: torch.device) -> PhaseRunner:
+    """The run's phase runner for ``model``. With the C kernel, a fully connected model also
+    computes its input drive and weight gradients with it, and the kernel is built now, before
+    any clock starts, if it will run this model's phases."""
+    runner = phase_runner(config, device)
+    if isinstance(runner, KernelPhases):
+        runner.prepare(model)
+        if isinstance(model, PMLP):
+            model.products = runner.products
+    return runner
 
 
 def place_model(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -287,5 +296,5 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
     model = place_model(model, config, run_device)
     loader = build.build_loader(config, test_data, False, run_device, None)
-    loss, error = evaluate(model, loader, config.dynamics.t1, phase_runner(config, run_device))
+    loss, error = evaluate(model, loader, config.dynamics.t1, model_phase_runner(model, config, run_device))
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}
