@@ -124,3 +124,20 @@ def test_the_trainer_gives_fully_connected_models_the_kernel_s_products(kernels)
     assert isinstance(runner, KernelPhases) == kernels
     assert isinstance(model.products, KernelProducts) == kernels
     assert type(PMLP([4, 3]).products) is DenseProducts  # other models keep PyTorch's
+
+
+def test_inputs_zero_in_every_sample_are_skipped_without_changing_the_drive():
+    x, weight, bias, _ = operands(20, 30, 64, torch.float64)
+    x[:, 10:30] = 0.0   # zero in every sample: skipped
+    x[:5, 40] = 0.0     # zero in some samples only: kept
+    x[:, 50] = -0.0
+    products = kernel_products(2)
+    assert torch.allclose(products.linear(x, weight, bias), TORCH.linear(x, weight, bias), atol=1e-12, rtol=0)
+    x[:, :] = 0.0
+    assert torch.equal(products.linear(x, weight, bias), bias.expand(20, 30))
+    # the documented difference: an inf weight of a skipped input does not reach the drive
+    x, weight, bias, _ = operands(20, 30, 64, torch.float64)
+    x[:, 3] = 0.0
+    weight[7, 3] = float("inf")
+    assert torch.isnan(TORCH.linear(x, weight, bias)[:, 7]).all()
+    assert torch.isfinite(products.linear(x, weight, bias)).all()

@@ -47,9 +47,11 @@ def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     dtype = state[0].dtype
-    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down, *model.head.parameters()]
+    head = model.head
+    readout = (head.linear.weight, head.linear.bias) if isinstance(head, SoftmaxReadout) else ()
+    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down, *readout]
     return (dtype in kernel_dtypes() and len(state) == len(clamped.offsets)
-            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and all(t.is_cpu and t.dtype == dtype for t in tensors)
             and all(s.dim() == 2 and s.shape[0] == state[0].shape[0] for s in state))
 
 
