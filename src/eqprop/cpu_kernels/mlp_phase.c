@@ -184,37 +184,44 @@ static void add_forward(REAL *restrict out, const REAL *restrict w_all, const RE
     }
 }
 
-/* out[b, :] += scale * above[b, :] @ td -- td is [above_width, width]. For each sample, eight
- * vectors of out at a time take the products of every row of td in turn: eight independent
- * sums in registers, and one pass over out whatever the number of rows (a pass per row or per
- * few rows made each pass wait on the stores of the last). */
+/* out[b, :] += scale * above[b, :] @ td -- td is [above_width, width]. The rows of td are taken
+ * in groups that fit in the L1 cache (all of them for a narrow layer above, such as 10 output
+ * units); for each sample, eight vectors of out at a time take the products of every row of
+ * the group in turn: eight independent sums in registers, and one pass over the sample's units
+ * per group (a pass per row had made each pass wait on the stores of the last). */
 #define TOP_DOWN_VECTORS 8
+#define TOP_DOWN_BYTES 24576
 static void add_top_down(REAL *restrict out, const REAL *restrict td, const REAL *restrict above,
                          int64_t batch, int64_t width, int64_t above_width, REAL scale) {
     const int64_t block = TOP_DOWN_VECTORS * LANES;
-    for (int64_t b = 0; b < batch; b++) {
-        REAL *restrict o = out + b * width;
-        const REAL *a = above + b * above_width;
-        int64_t i = 0;
-        for (; i + block <= width; i += block) {
-            vec acc[TOP_DOWN_VECTORS];
-            for (int v = 0; v < TOP_DOWN_VECTORS; v++) acc[v] = load(o + i + v * LANES);
-            for (int64_t j = 0; j < above_width; j++) {
-                const vec aj = splat(scale * a[j]);
-                const REAL *r = td + j * width + i;
-                for (int v = 0; v < TOP_DOWN_VECTORS; v++) acc[v] += aj * load(r + v * LANES);
+    int64_t group = (int64_t)(TOP_DOWN_BYTES / sizeof(REAL)) / (width > 0 ? width : 1);
+    group = group < 1 ? 1 : group;
+    for (int64_t j0 = 0; j0 < above_width; j0 += group) {
+        const int64_t j1 = j0 + group < above_width ? j0 + group : above_width;
+        for (int64_t b = 0; b < batch; b++) {
+            REAL *restrict o = out + b * width;
+            const REAL *a = above + b * above_width;
+            int64_t i = 0;
+            for (; i + block <= width; i += block) {
+                vec acc[TOP_DOWN_VECTORS];
+                for (int v = 0; v < TOP_DOWN_VECTORS; v++) acc[v] = load(o + i + v * LANES);
+                for (int64_t j = j0; j < j1; j++) {
+                    const vec aj = splat(scale * a[j]);
+                    const REAL *r = td + j * width + i;
+                    for (int v = 0; v < TOP_DOWN_VECTORS; v++) acc[v] += aj * load(r + v * LANES);
+                }
+                for (int v = 0; v < TOP_DOWN_VECTORS; v++) store(o + i + v * LANES, acc[v]);
             }
-            for (int v = 0; v < TOP_DOWN_VECTORS; v++) store(o + i + v * LANES, acc[v]);
-        }
-        for (; i + LANES <= width; i += LANES) {
-            vec acc = load(o + i);
-            for (int64_t j = 0; j < above_width; j++) acc += splat(scale * a[j]) * load(td + j * width + i);
-            store(o + i, acc);
-        }
-        for (; i < width; i++) {
-            REAL sum = o[i];
-            for (int64_t j = 0; j < above_width; j++) sum += scale * a[j] * td[j * width + i];
-            o[i] = sum;
+            for (; i + LANES <= width; i += LANES) {
+                vec acc = load(o + i);
+                for (int64_t j = j0; j < j1; j++) acc += splat(scale * a[j]) * load(td + j * width + i);
+                store(o + i, acc);
+            }
+            for (; i < width; i++) {
+                REAL sum = o[i];
+                for (int64_t j = j0; j < j1; j++) sum += scale * a[j] * td[j * width + i];
+                o[i] = sum;
+            }
         }
     }
 }
