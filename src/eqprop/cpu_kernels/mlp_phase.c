@@ -555,6 +555,7 @@ static void forget_workers(void) {
  * Ctrl-C always reaches the calling (Python) thread, never a worker. */
 static int64_t start_workers(int64_t wanted) {
     static int registered = 0;
+    if (started_workers + 1 >= wanted) return wanted;  /* the common case: no signal mask calls */
     if (!registered) registered = pthread_atfork(NULL, NULL, forget_workers) == 0;
     sigset_t all, caller;
     sigfillset(&all);
@@ -571,18 +572,13 @@ static int64_t start_workers(int64_t wanted) {
 }
 
 /* Run run(jobs[i]) for i < count, jobs being `size` bytes apart: the calling thread takes
- * jobs[0] and the workers the others. Returns how many jobs ran: the first `count` if workers
- * could be started, else fewer (the caller redoes the split). */
-static int64_t run_parallel(void (*run)(void *), void *jobs, size_t size, int64_t count) {
+ * jobs[0], a worker each of the others (and the caller those no worker could be started for). */
+static void run_parallel(void (*run)(void *), void *jobs, size_t size, int64_t count) {
     char *job = jobs;
     pthread_mutex_lock(&call_lock);
     const int64_t started = start_workers(count);
-    if (started < count) {
-        pthread_mutex_unlock(&call_lock);
-        return started;
-    }
     pthread_mutex_lock(&sleep_lock);
-    for (int64_t i = 1; i < count; i++) {
+    for (int64_t i = 1; i < started; i++) {
         workers[i].run = run;
         workers[i].job = job + i * size;
         atomic_store_explicit(&workers[i].status, POSTED, memory_order_release);
@@ -590,12 +586,12 @@ static int64_t run_parallel(void (*run)(void *), void *jobs, size_t size, int64_
     pthread_cond_broadcast(&wake_up);
     pthread_mutex_unlock(&sleep_lock);
     run(job);
-    for (int64_t i = 1; i < count; i++) {
+    for (int64_t i = started; i < count; i++) run(job + i * size);
+    for (int64_t i = 1; i < started; i++) {
         while (atomic_load_explicit(&workers[i].status, memory_order_acquire) != DONE) sched_yield();
         atomic_store_explicit(&workers[i].status, IDLE, memory_order_relaxed);
     }
     pthread_mutex_unlock(&call_lock);
-    return count;
 }
 
 /* How many slices of at least `least` rows (at most `threads`, MAX_THREADS) a range of `rows` takes. */
@@ -622,8 +618,8 @@ static int64_t slices(int64_t rows, int64_t least, int64_t threads) {
  *
  * The batch is cut into `threads` slices of rows (at most MAX_THREADS, at least
  * MIN_ROWS rows each): the calling thread runs the first, the workers the
- * others (fewer slices if workers cannot be started). Samples are independent,
- * so the threads never wait for each other until the end.
+ * others (the caller also those no worker could be started for). Samples are
+ * independent, so the threads never wait for each other until the end.
  *
  * Returns 0, or 1 if scratch memory could not be allocated.
  */
@@ -635,16 +631,12 @@ int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *we
                      int64_t classes, const REAL *w_out, const REAL *b_out, const REAL *const *initial,
                      REAL *const *final, int64_t batch, int64_t steps, int64_t threads) {
     Phase phases[MAX_THREADS];
-    int64_t count = slices(batch, MIN_ROWS, threads);
-    for (;;) {
-        for (int64_t i = 0; i < count; i++)
-            phases[i] = (Phase){layers, sizes, weights, top_down, offsets, (REAL)scale, core, beta, target,
-                                nudge_inside, classes, w_out, b_out, initial, final, steps, batch * i / count,
-                                batch * (i + 1) / count, 0};
-        const int64_t ran = run_parallel(run_rows, phases, sizeof(Phase), count);
-        if (ran == count) break;
-        count = ran;
-    }
+    const int64_t count = slices(batch, MIN_ROWS, threads);
+    for (int64_t i = 0; i < count; i++)
+        phases[i] = (Phase){layers, sizes, weights, top_down, offsets, (REAL)scale, core, beta, target,
+                            nudge_inside, classes, w_out, b_out, initial, final, steps, batch * i / count,
+                            batch * (i + 1) / count, 0};
+    run_parallel(run_rows, phases, sizeof(Phase), count);
     int status = 0;
     for (int64_t i = 0; i < count; i++) status |= phases[i].status;
     return status;
@@ -656,17 +648,13 @@ int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *we
 /* Run a product's rows [0, width) in slices; returns 0, or 1 if memory ran out. */
 static int run_product(void (*run)(void *), Product product, int64_t threads) {
     Product jobs[MAX_THREADS];
-    int64_t count = slices(product.width, MIN_PRODUCT_ROWS, threads);
-    for (;;) {
-        for (int64_t i = 0; i < count; i++) {
-            jobs[i] = product;
-            jobs[i].start = product.width * i / count;
-            jobs[i].stop = product.width * (i + 1) / count;
-        }
-        const int64_t ran = run_parallel(run, jobs, sizeof(Product), count);
-        if (ran == count) break;
-        count = ran;
+    const int64_t count = slices(product.width, MIN_PRODUCT_ROWS, threads);
+    for (int64_t i = 0; i < count; i++) {
+        jobs[i] = product;
+        jobs[i].start = product.width * i / count;
+        jobs[i].stop = product.width * (i + 1) / count;
     }
+    run_parallel(run, jobs, sizeof(Product), count);
     int status = 0;
     for (int64_t i = 0; i < count; i++) status |= jobs[i].status;
     return status;
