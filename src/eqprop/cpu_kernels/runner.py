@@ -125,13 +125,13 @@ class KernelPhases:
         initial = [s.contiguous() for s in state]
         final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
         status = kernel.phase(len(sizes), _array(ctypes.c_int64, sizes), _pointers(weights),
-                        _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
-                        _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
-                        None if targets is None else targets.data_ptr(), int(head.nudge_inside),
-                        0 if readout is None else head.classes,
-                        None if readout is None else readout_weight.data_ptr(),
-                        None if readout is None else readout.bias.data_ptr(),
-                        _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
+                              _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
+                              _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
+                              None if targets is None else targets.data_ptr(), int(head.nudge_inside),
+                              0 if readout is None else head.classes,
+                              None if readout is None else readout_weight.data_ptr(),
+                              None if readout is None else readout.bias.data_ptr(),
+                              _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
         if status:
             raise MemoryError("eqprop's C kernel could not allocate its scratch state")
         return final
