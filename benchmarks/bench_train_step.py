@@ -52,7 +52,7 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     attach_phase_runner(estimator, model, config, device)  # as training runs the phases
     if isinstance(estimator.run_phase, KernelPhases) and estimator.run_phase.unavailable:
         raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
-    optimizer = build.build_optimizer(config.optim, model)
+    optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)  # as training
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)
     batch = config.train.batch_size

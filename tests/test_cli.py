@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -168,3 +170,42 @@ def test_without_a_c_compiler_training_warns_in_one_line_and_runs(capsys, tmp_pa
     warning = [line for line in err.splitlines() if "C compiler" in line]
     assert warning == [f"eqprop: warning: the C compiler '{tmp_path / 'no-compiler'}' named by CC was not found; "
                        "the phases run in PyTorch instead"]
+
+
+def test_a_ctrl_c_that_a_library_turned_into_an_error_still_interrupts(capsys, tmp_path, monkeypatch):
+    """A Ctrl-C during the import of a compiled module surfaces as ImportError (pybind11), or
+    is swallowed by code that catches that: the run must still end as interrupted (130)."""
+    import signal
+
+    import eqprop.training.trainer as trainer
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(trainer, "train", interrupted_import)
+    status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *FAST)
+    assert status == 130
+    assert "interrupted before the first epoch ended" in err and "ImportError" not in err
+
+
+def test_a_swallowed_ctrl_c_stops_the_run_at_the_next_epoch(capsys, tmp_path, monkeypatch):
+    import signal
+
+    import eqprop.training.trainer as trainer
+
+    def swallowing_train(*args, log, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # lost by library code
+        log("epoch 1/2 ...")  # raises KeyboardInterrupt: the run ends here
+        return [{"epoch": 2, "test_error": 0.5}]  # the run went on: exit status 0
+
+    monkeypatch.setattr(trainer, "train", swallowing_train)
+    status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *FAST)
+    assert status == 130 and "interrupted" in err

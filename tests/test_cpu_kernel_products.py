@@ -141,3 +141,11 @@ def test_inputs_zero_in_every_sample_are_skipped_without_changing_the_drive():
     weight[7, 3] = float("inf")
     assert torch.isnan(TORCH.linear(x, weight, bias)[:, 7]).all()
     assert torch.isfinite(products.linear(x, weight, bias)).all()
+
+
+@pytest.mark.parametrize("batch,width,inputs", [(0, 5, 7), (3, 0, 7), (3, 5, 0), (0, 0, 0)])
+def test_empty_products_have_pytorch_s_shapes_and_values(batch, width, inputs):
+    x, weight, bias, left = operands(batch, width, inputs, torch.float32)
+    products = kernel_products(2)
+    assert torch.equal(products.linear(x, weight, bias), TORCH.linear(x, weight, bias))
+    assert torch.equal(products.outer(left, x, 0.3), TORCH.outer(left, x, 0.3))

@@ -86,8 +86,15 @@ def build_estimator_from(config: RunConfig, generator: torch.Generator) -> Estim
     return cls(phases, generator, **options)
 
 
-def build_optimizer(config: OptimConfig, model: EnergyModel) -> torch.optim.Optimizer:
-    """SGD or Adam with one parameter group (and learning rate) per layer."""
+def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = False) -> torch.optim.Optimizer:
+    """SGD or Adam with one parameter group (and learning rate) per layer.
+
+    With ``ascend`` it is built with ``maximize=True``, and
+    :meth:`Estimator.train_step <eqprop.estimators.Estimator.train_step>` gives
+    it the estimate ∇̂ itself as ``p.grad`` instead of a negated copy: the same
+    step, without a pass over every gradient. The trainer asks for this except
+    for the continual estimators, which make their own SGD steps.
+    """
     groups = model.layer_parameters()
     if len(config.lr) != len(groups):
         raise ConfigError(f"optim.lr: the model has {len(groups)} layers (input first, readout last) "
@@ -98,9 +105,9 @@ def build_optimizer(config: OptimConfig, model: EnergyModel) -> torch.optim.Opti
             raise ConfigError("optim.nesterov: needs a momentum > 0")
         return torch.optim.SGD(param_groups, lr=config.lr[0], momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay,
-                               fused=config.fused or None)
+                               fused=config.fused or None, maximize=ascend)
     return torch.optim.Adam(param_groups, lr=config.lr[0], betas=config.betas, eps=config.eps,
-                            weight_decay=config.weight_decay, fused=config.fused or None)
+                            weight_decay=config.weight_decay, fused=config.fused or None, maximize=ascend)
 
 
 class _CosineFactor:

@@ -10,9 +10,11 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -145,9 +147,15 @@ def command_train(args: argparse.Namespace) -> int:
         out_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"eqprop train: {config.name} -> {out_dir}", flush=True)
     try:
-        records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
-                        resume=args.resume is not None,
-                        show_progress=not args.no_progress and sys.stderr.isatty())
+        with RememberedInterrupt() as interrupt:
+            try:
+                records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
+                                resume=args.resume is not None, log=interrupt.checked(print),
+                                show_progress=not args.no_progress and sys.stderr.isatty())
+            except Exception:
+                if interrupt.seen:  # what a swallowed or converted Ctrl-C left behind
+                    raise KeyboardInterrupt from None
+                raise
     except KeyboardInterrupt:
         if (out_dir / CHECKPOINT).exists():
             print(f"eqprop: interrupted; the last completed epoch is saved: continue with "
@@ -197,6 +205,44 @@ def command_gdu(args: argparse.Namespace) -> int:
         print(f"{name:<14} angle {summary['angle_deg']:7.3f} deg   RMSE: {layers}")
     print(f"gdu.json and plots in {out_dir}")
     return 0
+
+
+class RememberedInterrupt:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered.
+
+    Library code can lose the exception: a Ctrl-C during the import of a
+    compiled module (matplotlib's, at the first epoch's plot) becomes
+    ``ImportError: initialization failed``, and code that catches ImportError
+    then carries on. Remembered, the interrupt still stops the run: at the
+    next epoch's log line (:meth:`checked`), or in place of the error it
+    turned into.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> "RememberedInterrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def checked(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log``, raising KeyboardInterrupt first if an interrupt was seen and lost."""
+        def checked_log(message: str) -> None:
+            if self.seen:
+                raise KeyboardInterrupt
+            log(message)
+        return checked_log
 
 
 COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval, "gdu": command_gdu}

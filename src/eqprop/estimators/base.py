@@ -67,27 +67,41 @@ class Estimator(ABC):
         fused kernels; the first batch of each shape pays the compile time)."""
         self.estimate = torch.compile(self.estimate, **options)  # type: ignore[method-assign]
 
-    def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter."""
+    def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor, ascent: bool = False) -> Estimate:
+        """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter.
+
+        With ``ascent``, ``p.grad = ∇̂`` instead, for an optimizer built with
+        ``maximize=True``: it then takes the same step without a negation pass
+        over every gradient (where its layout fits the parameter, ``p.grad`` is
+        the direction tensor itself).
+        """
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
+            if ascent and d.dtype == p.dtype and d.shape == p.shape and d.stride() == p.stride():
+                p.grad = d
+                continue
             if p.grad is None or p.grad.shape != p.shape:
                 # the parameter's dtype and memory format (channels-last): fused optimizers need both
                 p.grad = torch.empty_like(p)
-            if p.grad.dtype == d.dtype and p.grad.stride() == d.stride():
+            if not ascent and p.grad.dtype == d.dtype and p.grad.stride() == d.stride():
                 torch.neg(d, out=p.grad)  # reuse the buffer: no fresh allocation per batch
             else:  # phases run under autocast, or a gradient computed in another memory format
-                p.grad.copy_(d).neg_()
+                p.grad.copy_(d)
+                if not ascent:
+                    p.grad.neg_()
         return result
 
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,
                    optimizer: torch.optim.Optimizer) -> Estimate:
         """One training step on a batch: fill the gradients, let ``optimizer`` apply them.
 
+        An optimizer whose every group has ``maximize=True`` (the trainer builds
+        them so) gets ``p.grad = ∇̂``, any other ``p.grad = -∇̂``: the same step.
         Estimators that move the weights themselves while the phases run
         (continual EP) override this and use the optimizer's per-layer rates.
         """
-        result = self.fill_grads(model, x, target)
+        ascent = all(group.get("maximize", False) for group in optimizer.param_groups)
+        result = self.fill_grads(model, x, target, ascent)
         optimizer.step()
         return result
 

@@ -115,7 +115,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     if config.train.compile:
         estimator.compile()
     attach_phase_runner(estimator, model, config, device)
-    optimizer = build.build_optimizer(config.optim, model)
+    optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
         train_loader = build.build_loader(config, train_data, True, device, generators.data)
