@@ -349,7 +349,6 @@ static void run_rows(void *job) {
     p->status = 0;
 }
 
-
 /* ---- dense products ---------------------------------------------------------------------- */
 
 /* Rows [start, stop) of a product: each thread computes whole output rows, so every output
@@ -376,9 +375,10 @@ static REAL *aligned_reals(int64_t count) {
 #define CHUNK_VECTORS 4
 
 /* acc[r][0 : NV*LANES] += sum over i < k of w[r][columns[i]] xt[i][0 : NV*LANES] for three
- * weight rows r (xt rows `stride` apart): the twelve accumulators of up to four vectors of samples stay in registers,
- * and each vector of xt is loaded once for the three rows. Rows past the slice's end are passed
- * as copies of its last row (the same operations as any row; their results are dropped). */
+ * weight rows r (xt rows `stride` apart): the twelve accumulators of up to four vectors of
+ * samples stay in registers, and each vector of xt is loaded once for the three rows. Rows past
+ * the slice's end are passed as copies of its last row (the same operations as any row; their
+ * results are dropped). */
 #define LINEAR_KERNEL(NV)                                                                          \
     static void linear_##NV(REAL *restrict const acc[3], const REAL *restrict const w[3],            \
                             const int64_t *restrict columns, const REAL *restrict xt, int64_t k,     \
@@ -394,7 +394,7 @@ static REAL *aligned_reals(int64_t count) {
             const vec s0 = splat(w[0][column]), s1 = splat(w[1][column]), s2 = splat(w[2][column]);  \
             for (int v = 0; v < NV; v++) {                                                           \
                 vec xv = load(xt + i * stride + v * LANES);                                          \
-                IN_REGISTER(xv); /* one load for the three rows (not one per FMA) */         \
+                IN_REGISTER(xv); /* one load for the three rows (not one per FMA) */                 \
                 a[v] += s0 * xv;                                                                     \
                 b[v] += s1 * xv;                                                                     \
                 c[v] += s2 * xv;                                                                     \
@@ -458,7 +458,7 @@ static void run_linear(void *job) {
             const REAL *x = p->b + s * p->in + i;                                                 \
             for (int v = 0; v < VECTORS; v++) {                                                   \
                 vec xv = load(x + v * LANES);                                                     \
-                IN_REGISTER(xv); /* one load for both rows (not one per FMA) */           \
+                IN_REGISTER(xv); /* one load for both rows (not one per FMA) */                   \
                 a[v] += s0 * xv;                                                                  \
                 c[v] += s1 * xv;                                                                  \
             }                                                                                     \
@@ -469,7 +469,7 @@ static void run_linear(void *job) {
             store(p->out + o1 * p->in + i + v * LANES, alpha * c[v]);                             \
         }                                                                                         \
     }
-#define OUTER_VECTORS 6
+#define OUTER_VECTORS 6  /* the vectors of outer_6 */
 OUTER_KERNEL(6) OUTER_KERNEL(1)
 
 /* out[o, :] = alpha * sum_s a[o, s] b[s, :] for the rows o of this slice; a = left^T
