@@ -144,33 +144,26 @@ static void add_forward(REAL *restrict out, const REAL *restrict w_all, const RE
             const int64_t samples = batch - b < 4 ? batch - b : 4;
             const REAL *p[4];
             for (int k = 0; k < 4; k++) p[k] = below + (b + (k < samples ? k : 0)) * in;
-            const REAL *restrict p0 = p[0], *restrict p1 = p[1], *restrict p2 = p[2], *restrict p3 = p[3];
             for (int64_t o = o0; o < o1; o += 2) {
                 const int pair = o + 1 < o1;
                 const REAL *wa = w_all + o * in, *wb = pair ? wa + in : wa;
-                vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+                vec a[4] = {{0}}, c[4] = {{0}};
                 int64_t i = 0;
                 for (; i + LANES <= in; i += LANES) {
                     /* each vector loaded once into a register (the asm statements keep the compiler
                      * from reloading it for every product, which made this loop load-bound) */
-                    vec va = load(wa + i), vb = load(wb + i), x;
+                    vec va = load(wa + i), vb = load(wb + i);
                     IN_REGISTER(va);
                     IN_REGISTER(vb);
-                    x = load(p0 + i);
-                    IN_REGISTER(x);
-                    a0 += va * x; c0 += vb * x;
-                    x = load(p1 + i);
-                    IN_REGISTER(x);
-                    a1 += va * x; c1 += vb * x;
-                    x = load(p2 + i);
-                    IN_REGISTER(x);
-                    a2 += va * x; c2 += vb * x;
-                    x = load(p3 + i);
-                    IN_REGISTER(x);
-                    a3 += va * x; c3 += vb * x;
+                    for (int k = 0; k < 4; k++) {
+                        vec x = load(p[k] + i);
+                        IN_REGISTER(x);
+                        a[k] += va * x;
+                        c[k] += vb * x;
+                    }
                 }
-                REAL sa[4] = {lane_sum(a0), lane_sum(a1), lane_sum(a2), lane_sum(a3)};
-                REAL sb[4] = {lane_sum(c0), lane_sum(c1), lane_sum(c2), lane_sum(c3)};
+                REAL sa[4] = {lane_sum(a[0]), lane_sum(a[1]), lane_sum(a[2]), lane_sum(a[3])};
+                REAL sb[4] = {lane_sum(c[0]), lane_sum(c[1]), lane_sum(c[2]), lane_sum(c[3])};
                 for (int k = 0; k < samples; k++) {
                     for (int64_t j = i; j < in; j++) {
                         sa[k] += wa[j] * p[k][j];
