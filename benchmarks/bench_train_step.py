@@ -23,7 +23,7 @@ from eqprop import build
 from eqprop.config import RunConfig, validate_config
 from eqprop.estimators import estimator_class
 from eqprop.cpu_kernels import KernelPhases
-from eqprop.training.trainer import attach_phase_runner, place_model
+from eqprop.training.trainer import model_phase_runner, place_model
 from eqprop.presets import load_preset, preset_names
 
 
@@ -49,7 +49,7 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
     estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
     if compile_phases:
         estimator.compile()
-    attach_phase_runner(estimator, model, config, device)  # as training runs the phases
+    estimator.run_phase = model_phase_runner(model, config, device)  # as training runs the phases
     if isinstance(estimator.run_phase, KernelPhases) and estimator.run_phase.unavailable:
         raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
     optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)  # as training

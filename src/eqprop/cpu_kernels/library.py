@@ -26,10 +26,12 @@ import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..user_cache import user_cache_folder
 
@@ -57,6 +59,21 @@ class Kernel:
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
     """The floating types the kernel is built for."""
     return tuple(_TYPE_FLAGS)
+
+
+def kernel_reads(tensors: Iterable[Tensor]) -> bool:
+    """Whether the kernel can read these tensors as they are: all on the CPU, in one floating
+    type it is built for, and no CPU autocast to honour."""
+    tensors = list(tensors)
+    dtype = tensors[0].dtype
+    return (dtype in _TYPE_FLAGS and not torch.is_autocast_enabled("cpu")
+            and all(t.is_cpu and t.dtype == dtype for t in tensors))
+
+
+def check_status(status: int) -> None:
+    """Raise if a kernel call reports that its scratch memory could not be allocated."""
+    if status:
+        raise MemoryError("eqprop's C kernel could not allocate its scratch memory")
 
 
 def cache_folder() -> Path:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models.products import DenseProducts
-from .library import Kernel, kernel_dtypes
+from .library import Kernel, check_status, kernel_reads
 
 
 class KernelProducts(DenseProducts):
@@ -36,7 +36,7 @@ class KernelProducts(DenseProducts):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
         status = kernel.linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0],
                                weight.shape[0], x.shape[1], self.threads)
-        _check(status)
+        check_status(status)
         return out
 
     def outer(self, left: Tensor, right: Tensor, alpha: float) -> Tensor:
@@ -47,22 +47,12 @@ class KernelProducts(DenseProducts):
         out = torch.empty(left.shape[1], right.shape[1], dtype=left.dtype)
         status = kernel.outer(left.data_ptr(), right.data_ptr(), out.data_ptr(), left.shape[0], left.shape[1],
                               right.shape[1], float(alpha), self.threads)
-        _check(status)
+        check_status(status)
         return out
 
     def _kernel(self, *tensors: Tensor) -> Kernel | None:
         """The kernel, if it may compute a product of these tensors: all on the CPU in one of its
         floating types, and no gradient to record."""
-        dtype = tensors[0].dtype
-        if dtype not in kernel_dtypes() or torch.is_autocast_enabled("cpu"):
+        if not kernel_reads(tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return None
-        if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
-            return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None
-        return self.kernel_for(dtype)
-
-
-def _check(status: int) -> None:
-    if status:
-        raise MemoryError("eqprop's C kernel could not allocate its scratch memory")
+        return self.kernel_for(tensors[0].dtype)

@@ -25,7 +25,7 @@ from ..dynamics import run_phase
 from ..heads import SoftmaxReadout, SquaredError
 from ..models.base import Clamped, EnergyModel, State, is_free
 from ..models.mlp import MLPClamped, PMLP
-from .library import Kernel, KernelUnavailable, kernel_dtypes, load_kernel
+from .library import Kernel, KernelUnavailable, check_status, kernel_dtypes, kernel_reads, load_kernel
 from .products import KernelProducts
 
 _CORES = {"sigmoid": 0, "clamp01": 1}
@@ -44,14 +44,12 @@ def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
     """Whether the kernel computes exactly this phase of the model (else it runs in PyTorch)."""
     if not (kernel_runs_model(model) and isinstance(clamped, MLPClamped)):
         return False
-    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    if torch.is_grad_enabled():
         return False
-    dtype = state[0].dtype
     head = model.head
     readout = (head.linear.weight, head.linear.bias) if isinstance(head, SoftmaxReadout) else ()
-    tensors = [*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down, *readout]
-    return (dtype in kernel_dtypes() and len(state) == len(clamped.offsets)
-            and all(t.is_cpu and t.dtype == dtype for t in tensors)
+    return (len(state) == len(clamped.offsets)
+            and kernel_reads([*state, *clamped.offsets, *clamped.weights[1:], *clamped.top_down, *readout])
             and all(s.dim() == 2 and s.shape[0] == state[0].shape[0] for s in state))
 
 
@@ -132,8 +130,7 @@ class KernelPhases:
                               None if readout is None else readout_weight.data_ptr(),
                               None if readout is None else readout.bias.data_ptr(),
                               _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
-        if status:
-            raise MemoryError("eqprop's C kernel could not allocate its scratch state")
+        check_status(status)
         return final
 
 
@@ -177,12 +174,8 @@ def _check_shapes(sizes: list[int], batch: int, offsets: list[Tensor], weights: 
         raise ValueError(f"the clamped input does not match the state's layers {sizes}: {found}")
 
 
-def _addresses(addresses: list[int]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(addresses))(*addresses)
-
-
 def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
-    return _addresses([0 if t is None else t.data_ptr() for t in tensors])
+    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
 
 
 def _array(kind: type, values: list[int]) -> ctypes.Array:

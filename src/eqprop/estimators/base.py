@@ -78,17 +78,17 @@ class Estimator(ABC):
         result = self.estimate(model, x, target)
         for p, d in zip(model.trainable_parameters(), result.direction):
             if ascent and d.dtype == p.dtype and d.shape == p.shape and d.stride() == p.stride():
-                p.grad = d
+                p.grad = d  # nothing to copy
                 continue
             if p.grad is None or p.grad.shape != p.shape:
                 # the parameter's dtype and memory format (channels-last): fused optimizers need both
                 p.grad = torch.empty_like(p)
-            if not ascent and p.grad.dtype == d.dtype and p.grad.stride() == d.stride():
-                torch.neg(d, out=p.grad)  # reuse the buffer: no fresh allocation per batch
-            else:  # phases run under autocast, or a gradient computed in another memory format
+            if ascent:  # phases run under autocast, or a gradient computed in another memory format
                 p.grad.copy_(d)
-                if not ascent:
-                    p.grad.neg_()
+            elif p.grad.dtype == d.dtype and p.grad.stride() == d.stride():
+                torch.neg(d, out=p.grad)  # reuse the buffer: no fresh allocation per batch
+            else:
+                p.grad.copy_(d).neg_()
         return result
 
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,

@@ -27,7 +27,6 @@ from ..cpu_kernels import KernelPhases
 from ..cuda_graphs import PhaseGraphs
 from ..data import load_dataset, resolve_data_root
 from ..dynamics import PhaseRunner, run_phase
-from ..estimators import Estimator
 from ..models import EnergyModel, PMLP
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
@@ -114,7 +113,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     estimator = build.build_estimator_from(config, generators.estimator)
     if config.train.compile:
         estimator.compile()
-    attach_phase_runner(estimator, model, config, device)
+    estimator.run_phase = model_phase_runner(model, config, device)
     optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
     scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
     try:
@@ -197,12 +196,6 @@ def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
     if config.train.cpu_kernels and device.type == "cpu":
         return KernelPhases(config.train.cpu_kernel_threads)
     return run_phase
-
-
-def attach_phase_runner(estimator: Estimator, model: EnergyModel, config: RunConfig,
-                        device: torch.device) -> None:
-    """Give ``estimator`` the run's phase runner (:func:`model_phase_runner`)."""
-    estimator.run_phase = model_phase_runner(model, config, device)
 
 
 def model_phase_runner(model: EnergyModel, config: RunConfig, device: torch.device) -> PhaseRunner:
