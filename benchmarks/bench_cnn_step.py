@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from eqprop.cuda_graphs import PhaseGraphs
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models.cnn import PCNN
+from eqprop.solvers import build_solver
 
 PAPER = dict(channels=[128, 256, 512, 512], batch=128, t1=250, t2=25)
 SMALL = dict(channels=[16, 32, 64, 64], batch=16, t1=20, t2=5)
@@ -154,18 +155,16 @@ def main(argv: list[str] | None = None) -> dict:
                        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         "macs_per_dynamics_step": counts.step,
     }
+    solver = build_solver("fixed", PhaseGraphs() if args.cuda_graphs else None)
     runs = {
-        "symmetric_ep": (build_estimator("symmetric", Phases(t1, t2, args.beta)),
+        "symmetric_ep": (build_estimator("symmetric", Phases(t1, t2, args.beta, solver)),
                          flops_symmetric(counts, t1, t2), t1 + 2 * t2),
-        "bptt": (build_estimator("bptt", Phases(t1, t2, args.beta)), flops_bptt(counts, t1, t2), t1),
+        "bptt": (build_estimator("bptt", Phases(t1, t2, args.beta, solver)), flops_bptt(counts, t1, t2), t1),
     }
     print(f"P-CNN {'-'.join(map(str, preset['channels']))}, batch {batch}, T1={t1}, T2={t2}, "
           f"device {device}, threads {torch.get_num_threads()}, channels_last {channels_last}, "
           f"tf32 {results['config']['tf32']}, bf16 {args.bf16}, cuda graphs {args.cuda_graphs}")
     for name, (estimator, flops, steps) in runs.items():
-        if args.cuda_graphs:
-            estimator.run_phase = PhaseGraphs()
-
         def step() -> None:
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 estimator.fill_grads(model, x, target)

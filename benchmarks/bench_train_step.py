@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from eqprop import build
 from eqprop.config import RunConfig, validate_config
 from eqprop.estimators import estimator_class
-from eqprop.cpu_kernels import KernelPhases
-from eqprop.training.trainer import model_phase_runner, place_model
+from eqprop.backends import CpuKernelBackend
 from eqprop.presets import load_preset, preset_names
 
 
@@ -41,18 +40,13 @@ def time_steps(config: RunConfig, estimator_name: str, device: torch.device, ste
                          **{key: value for key, value in data["estimator"].items() if key in kept}}
     data["train"].update(compile=compile_phases, cuda_graphs=cuda_graphs, cpu_kernels=cpu_kernels,
                          cpu_kernel_threads=kernel_threads)
+    data["train"].update(device=device.type, threads=torch.get_num_threads())
     config = validate_config(data)  # a bad --kernel-threads is refused as in training
     dtype = build.DTYPES[config.train.dtype]
-    # placed and configured as a training run is: dtype, layout, TF32 on CUDA
-    model = place_model(build.build_model(config), config, device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.train.tf32
-    estimator = build.build_estimator_from(config, torch.Generator().manual_seed(0))
-    if compile_phases:
-        estimator.compile()
-    estimator.run_phase = model_phase_runner(model, config, device)  # as training runs the phases
-    if isinstance(estimator.run_phase, KernelPhases) and estimator.run_phase.unavailable:
-        raise SystemExit(f"the C kernel is unavailable: {estimator.run_phase.unavailable}")
-    optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)  # as training
+    run = build.build_run(config, with_data=False)  # model, backend, solvers, optimizer as training builds them
+    model, estimator, optimizer = run.model, run.estimator, run.optimizer
+    if isinstance(run.backend, CpuKernelBackend) and run.backend.phases.unavailable:
+        raise SystemExit(f"the C kernel is unavailable: {run.backend.phases.unavailable}")
     shape = input_shape(config)
     g = torch.Generator().manual_seed(1)
     batch = config.train.batch_size

@@ -10,7 +10,7 @@ from eqprop.cpu_kernels import KernelPhases, KernelProducts, load_kernel
 from eqprop.models import PMLP
 from eqprop.models.products import DenseProducts
 from eqprop.presets import load_preset
-from eqprop.training.trainer import model_phase_runner
+from eqprop.build import build_backend, build_model
 
 from conftest import require_c_compiler
 
@@ -119,9 +119,9 @@ def test_the_trainer_gives_fully_connected_models_the_kernel_s_products(kernels)
     data = load_preset("demo")
     data["train"].update(cpu_kernels=kernels, device="cpu")
     config = validate_config(data)
-    model = PMLP(config.model.sizes)
-    runner = model_phase_runner(model, config, torch.device("cpu"))
-    assert isinstance(runner, KernelPhases) == kernels
+    backend = build_backend(config, torch.device("cpu"))
+    model = build_model(config, backend=backend)
+    assert isinstance(backend.runner("synchronous"), KernelPhases) == kernels
     assert isinstance(model.products, KernelProducts) == kernels
     assert type(PMLP([4, 3]).products) is DenseProducts  # other models keep PyTorch's
 

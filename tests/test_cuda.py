@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from eqprop.cuda_graphs import PhaseGraphs
+from eqprop.dynamics import run_phase
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models.cnn import PCNN
 from eqprop.models.mlp import PMLP
+from eqprop.solvers import build_solver
 from eqprop.training import load_checkpoint, train
 from eqprop.training.trainer import CHECKPOINT
 
@@ -89,20 +91,20 @@ def test_phases_never_wait_for_the_host(name, estimator):
 def two_updates(model, estimator: str, graphs: bool, autocast: bool = False, batches: int = 2):
     """SGD steps on ``batches`` batches, then the eval-mode free phase: directions, final state,
     and the training-mode phases that were captured as graphs."""
-    est = build_estimator(estimator, Phases(t1=12, t2=4, beta=0.4), generator=torch.Generator().manual_seed(0))
-    if graphs:
-        est.run_phase = PhaseGraphs()
+    runner = PhaseGraphs() if graphs else run_phase
+    est = build_estimator(estimator, Phases(t1=12, t2=4, beta=0.4, solver=build_solver("fixed", runner)),
+                          generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     directions = []
     for seed in range(batches):
         x, target = (t.to(CUDA) for t in batch(model, seed=seed))
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             directions += est.train_step(model, x, target, optimizer).direction
-    captured = len(est.run_phase._graphs) if graphs else 0
+    captured = len(runner._graphs) if graphs else 0
     model.eval()
     x, _ = (t.to(CUDA) for t in batch(model, seed=9))
     with torch.no_grad():
-        state = est.run_phase(model, model.clamp(x), model.init_state(x), 12)
+        state = runner(model, model.clamp(x), model.init_state(x), 12)
     return directions, state, captured
 
 
@@ -169,8 +171,7 @@ def test_channels_last_model_trains_with_a_fused_optimizer():
     """The layout of the preset CIFAR-10 runs: channels-last weights, fused SGD, graphed phases."""
     model = cnn("ce").to(CUDA).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
-    est = build_estimator("symmetric", Phases(t1=12, t2=4, beta=0.4))
-    est.run_phase = PhaseGraphs()
+    est = build_estimator("symmetric", Phases(t1=12, t2=4, beta=0.4, solver=build_solver("fixed", PhaseGraphs())))
     x, target = (t.to(CUDA) for t in batch(model))
     before = [p.detach().clone() for p in model.parameters()]
     est.train_step(model, x.contiguous(memory_format=torch.channels_last), target, optimizer)

@@ -2,6 +2,8 @@
 by PyTorch and by eqprop's C kernel."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from conftest import KernelOnly, load_vectors, require_c_compiler
 from eqprop.dynamics import run_phase
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models import PMLP
+from eqprop.solvers import build_solver
 
 CASE = "mlp2_mse_hardsig"
 PHASES = Phases(t1=60, t2=15, beta=0.2)
@@ -70,8 +73,7 @@ def test_gradients_match_reference(case, estimator, runner):
     model = reference_model(arrays)
     x = torch.from_numpy(arrays["x"])
     target = F.one_hot(torch.from_numpy(arrays["y"]), 10).double()
-    chosen = build_estimator(estimator, PHASES)
-    chosen.run_phase = runner
+    chosen = build_estimator(estimator, replace(PHASES, solver=build_solver("fixed", runner)))
     chosen.fill_grads(model, x, target)
     names = [f"synapses.{k}.{kind}" for k in range(3) for kind in ("weight", "bias")]
     for name, p in zip(names, model.trainable_parameters()):

@@ -165,27 +165,27 @@ def test_gradient_angle_is_logged_every_n_batches(tmp_path):
                                                (False, torch.contiguous_format)])
 def test_conv_models_are_placed_channels_last_on_the_cpu_by_default(setting, expected):
     from eqprop import build
-    from eqprop.training.trainer import place_model
     data = load_preset("cifar10-small")
     data["train"]["channels_last"] = setting
     config = validate_config(data)
-    model = place_model(build.build_model(config), config, torch.device("cpu"))
+    model = build.place_model(build.build_model(config), config, torch.device("cpu"))
     assert model.memory_format() == expected
 
 
-def test_phase_runner_follows_device_and_settings():
-    from eqprop.cpu_kernels import KernelPhases
+def test_backend_follows_device_and_settings():
+    from eqprop.backends import Backend, CpuKernelBackend, CudaGraphsBackend
+    from eqprop.build import build_backend
     from eqprop.cuda_graphs import PhaseGraphs
     from eqprop.dynamics import run_phase
-    from eqprop.training.trainer import phase_runner
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert isinstance(phase_runner(small_config(), cuda), PhaseGraphs)   # constructing needs no GPU
-    assert phase_runner(small_config(train={"cuda_graphs": False}), cuda) is run_phase
-    assert phase_runner(small_config(train={"compile": True}), cuda) is run_phase
-    kernel = phase_runner(small_config(train={"cpu_kernel_threads": 3}), cpu)
-    assert isinstance(kernel, KernelPhases) and kernel.threads == 3
-    assert phase_runner(small_config(train={"cpu_kernels": False}), cpu) is run_phase
-    assert phase_runner(small_config(train={"compile": True}), cpu) is run_phase
+    graphs = build_backend(small_config(), cuda)   # constructing needs no GPU
+    assert isinstance(graphs, CudaGraphsBackend) and isinstance(graphs.runner("synchronous"), PhaseGraphs)
+    assert type(build_backend(small_config(train={"cuda_graphs": False}), cuda)) is Backend
+    assert type(build_backend(small_config(train={"compile": True}), cuda)) is Backend
+    kernel = build_backend(small_config(train={"cpu_kernel_threads": 3}), cpu)
+    assert isinstance(kernel, CpuKernelBackend) and kernel.phases.threads == 3
+    assert type(build_backend(small_config(train={"cpu_kernels": False}), cpu)) is Backend
+    assert build_backend(small_config(train={"compile": True}), cpu).runner("synchronous") is run_phase
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])

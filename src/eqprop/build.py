@@ -1,22 +1,30 @@
 """Wiring: turn a validated :class:`RunConfig` into the objects of a run.
 
-The core (models, estimators, dynamics) knows nothing of configuration; this
-module is the only place that maps configuration fields onto constructors, and
-the place that checks what the schema alone cannot (a learning rate per layer,
-a model that fits the data).
+The core (models, estimators, solvers, dynamics) knows nothing of
+configuration; this module is the only place that maps configuration fields
+onto constructors, and the place that checks what the schema alone cannot (a
+learning rate per layer, a model that fits the data, an estimator that can
+train the model). :func:`build_run` assembles a whole run (model, backend,
+solvers, estimator, data, optimizer, schedule); training, evaluation, the GDU
+check and the benchmarks all build theirs with it.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig
-from .data import ArrayDataset, BatchLoader
+from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
+from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
+from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
+from .models.products import DenseProducts
+from .solvers import Solver, solver_class
 from .models.cnn import PCNN
 from .models.vf import VFMLP
 from .models.vf_cnn import VFCNN
@@ -31,14 +39,15 @@ def _backward_options(config: MLPConfig | CNNConfig) -> dict[str, object]:
     return {"backward_init": config.backward_init, "backward_angle": config.backward_angle}
 
 
-def build_mlp(config: MLPConfig, generator: torch.Generator) -> EnergyModel:
-    """A P-MLP, or its vector-field variant with ``backward: separate``."""
+def build_mlp(config: MLPConfig, generator: torch.Generator, products: DenseProducts | None = None) -> EnergyModel:
+    """A P-MLP, or its vector-field variant with ``backward: separate``; ``products``: the
+    backend's drive and gradient products (None: PyTorch's)."""
     cls = PMLP if config.backward == "tied" else VFMLP
     return cls(config.sizes, config.activation, config.loss, config.nudge == "inside",
-               generator=generator, init_scale=config.init_scale, **_backward_options(config))
+               generator=generator, init_scale=config.init_scale, products=products, **_backward_options(config))
 
 
-def build_cnn(config: CNNConfig, generator: torch.Generator) -> EnergyModel:
+def build_cnn(config: CNNConfig, generator: torch.Generator, products: DenseProducts | None = None) -> EnergyModel:
     """A P-CNN, or its vector-field variant with ``backward: separate``."""
     cls = PCNN if config.backward == "tied" else VFCNN
     return cls(config.input_shape, config.channels, config.kernels, config.strides, config.paddings,
@@ -51,11 +60,13 @@ def build_cnn(config: CNNConfig, generator: torch.Generator) -> EnergyModel:
 MODEL_BUILDERS: dict[str, Callable[..., EnergyModel]] = {"mlp": build_mlp, "cnn": build_cnn}
 
 
-def build_model(config: RunConfig, seed: int | None = None) -> EnergyModel:
-    """The network of ``config``, initialised from the run's seed (CPU, float32 until moved)."""
+def build_model(config: RunConfig, seed: int | None = None, backend: Backend | None = None) -> EnergyModel:
+    """The network of ``config``, initialised from the run's seed (CPU, float32 until moved),
+    computing its products with ``backend``'s where it has any."""
     generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
+    products = backend.products if backend is not None else None
     try:
-        return MODEL_BUILDERS[config.model.kind](config.model, generator)
+        return MODEL_BUILDERS[config.model.kind](config.model, generator, products)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from None
 
@@ -77,10 +88,13 @@ def check_model_fits_data(config: RunConfig, model: EnergyModel, data: ArrayData
         raise ConfigError(f"model: the output has {classes} units but {data.name} has {data.num_classes} classes")
 
 
-def build_estimator_from(config: RunConfig, generator: torch.Generator) -> Estimator:
-    """The configured estimator, drawing its random choices from ``generator``."""
+def build_estimator_from(config: RunConfig, generator: torch.Generator,
+                         solvers: tuple[Solver, Solver] | None = None) -> Estimator:
+    """The configured estimator, drawing its random choices from ``generator`` and solving its
+    free and nudged phases with ``solvers`` (None: the papers' fixed steps)."""
     dyn = config.dynamics
-    phases = Phases(dyn.t1, dyn.t2, dyn.beta)
+    free, nudged = solvers if solvers is not None else (None, None)
+    phases = Phases(dyn.t1, dyn.t2, dyn.beta, free, nudged)
     cls = estimator_class(config.estimator.name)
     options = {field: getattr(config.estimator, field) for field in cls.config_fields}
     return cls(phases, generator, **options)
@@ -156,3 +170,179 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was requested but no CUDA device is available")
     return torch.device(name)
+
+
+def configure_torch(config: RunConfig) -> torch.device:
+    """Apply thread count and CUDA math settings; return the run's device."""
+    device = resolve_device(config.train.device)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+        torch.backends.cudnn.allow_tf32 = config.train.tf32
+    return device
+
+
+def place_model(model: EnergyModel, config: RunConfig, device: torch.device) -> EnergyModel:
+    """Move the model to the run's device, dtype and (conv models) memory layout."""
+    model = model.to(device=device, dtype=DTYPES[config.train.dtype])
+    channels_last = config.train.channels_last
+    if channels_last == "auto":
+        channels_last = device.type == "cpu"
+    if channels_last and config.model.kind == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_backend(config: RunConfig, device: torch.device) -> Backend:
+    """What computes the steps: CUDA graphs on CUDA, eqprop's C kernel on the CPU (each where
+    configured and the phases are not compiled), else PyTorch's eager steps."""
+    if config.train.compile:
+        return Backend()
+    if config.train.cuda_graphs and device.type == "cuda":
+        return CudaGraphsBackend()
+    if config.train.cpu_kernels and device.type == "cpu":
+        return CpuKernelBackend(config.train.cpu_kernel_threads)
+    return Backend()
+
+
+def _solver_options(config: SolverConfig, name: str) -> dict[str, object]:
+    """The ``solver`` section's options that solver ``name`` takes."""
+    return {key: getattr(config, key) for key in solver_class(name).config_fields}
+
+
+def build_solvers(config: RunConfig, backend: Backend) -> tuple[tuple[Solver, Solver], list[str]]:
+    """The free and nudged phases' solvers on ``backend``, and one line for each solver that
+    the backend cannot run (it then runs in PyTorch)."""
+    section = config.solver
+    notes: list[str] = []
+    solvers = []
+    for name in (section.name, section.nudged or section.name):
+        cls = solver_class(name)
+        if not backend.supports(cls.sweep):
+            note = (f"solver {name}: the {backend.name} backend runs synchronous steps only; "
+                    f"its {cls.sweep} sweeps run in PyTorch")
+            if note not in notes:
+                notes.append(note)
+        try:
+            solvers.append(cls(backend.runner(cls.sweep), **_solver_options(section, name)))
+        except ValueError as error:
+            raise ConfigError(f"solver: {error}") from None
+    return (solvers[0], solvers[1]), notes
+
+
+def check_estimator_fits_model(estimator: Estimator, model: EnergyModel) -> None:
+    """Refuse, in one line, an estimator that cannot train ``model`` (what the model declares)."""
+    needs = estimator.models
+    if needs == "energy" and model.is_vector_field:
+        raise ConfigError(f"estimator.name: {estimator.name} needs a primitive Φ, which {type(model).__name__} "
+                          "(a vector-field model) has not")
+    if needs == "vector_field" and not model.is_vector_field:
+        raise ConfigError(f"estimator.name: {estimator.name} needs a vector-field model (separate backward "
+                          f"weights); {type(model).__name__} is not one")
+
+
+@dataclass
+class Generators:
+    """Every random stream of a run after initialisation, each seeded from the run's seed."""
+
+    data: torch.Generator       # shuffling and augmentation (CPU)
+    estimator: torch.Generator  # random sign of β and the like (CPU)
+    model: torch.Generator      # dropout masks (on the model's device)
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> "Generators":
+        return cls(torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
+                   torch.Generator(device=device).manual_seed(cls.model_seed(seed)))
+
+    @staticmethod
+    def model_seed(seed: int, epoch: int = 0) -> int:
+        """The seed of the model's (dropout) stream; a run moved to another device after
+        ``epoch`` re-seeds it with this, since device generator states do not carry over."""
+        return seed + 3 + epoch
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).get_state() for name in ("data", "estimator", "model")}
+
+    def restore(self, states: dict[str, torch.Tensor]) -> None:
+        for name, state in states.items():
+            getattr(self, name).set_state(state)
+
+
+@dataclass
+class Run:
+    """Everything a run computes with, built from one configuration by :func:`build_run`.
+
+    ``estimator`` solves its phases with ``solvers`` (free, nudged) on ``backend``;
+    evaluation runs the free phase with the same free solver. ``optimizer``,
+    ``scheduler`` and ``train_loader`` exist for training runs only, the loaders
+    for runs built with data. ``notes``: the
+    one-line messages about how the run was built (e.g. a solver the backend
+    cannot run, which then runs in PyTorch).
+    """
+
+    config: RunConfig
+    device: torch.device
+    model: EnergyModel
+    backend: Backend
+    solvers: tuple[Solver, Solver]
+    estimator: Estimator
+    generators: Generators
+    data_root: Path | None
+    test_loader: BatchLoader | None = None
+    train_loader: BatchLoader | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def evaluate(self) -> tuple[float, float, dict[str, Any]]:
+        """Test loss, error rate and the free phase's solver statistics of the current model."""
+        from .training.loop import evaluate
+        return evaluate(self.model, self.test_loader, self.solvers[0], self.config.dynamics.t1)
+
+
+def load_split(config: RunConfig, split: str, data_dir: str | Path | None, download: bool,
+               size: int | None) -> tuple[ArrayDataset, Path | None]:
+    """The configured dataset's ``split`` (its first ``size`` samples), and the data root it came from."""
+    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
+    return subset(load_dataset(config.data.dataset, split, root, download), size), root
+
+
+def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download: bool = False,
+              training: bool = True, test_subset: int | None = None, with_data: bool = True) -> Run:
+    """Build the run ``config`` describes: device, backend, model, solvers, estimator, data, and for
+    ``training`` the optimizer and schedule. Every check that needs the built objects happens here,
+    so a run that cannot work fails before any epoch with one line (:class:`ConfigError`).
+    ``with_data`` False builds no loaders (benchmarks that feed their own batches)."""
+    device = configure_torch(config)
+    test_data, root = (load_split(config, "test", data_dir, download, test_subset or config.data.test_subset)
+                       if with_data else (None, None))
+    backend = build_backend(config, device)
+    model = build_model(config, backend=backend)
+    if test_data is not None:
+        check_model_fits_data(config, model, test_data)
+    model = place_model(model, config, device)
+    backend.prepare(model)
+    generators = Generators.seeded(config.train.seed, device)
+    if hasattr(model, "dropout_generator"):
+        model.dropout_generator = generators.model
+    solvers, notes = build_solvers(config, backend)
+    estimator = build_estimator_from(config, generators.estimator, solvers)
+    check_estimator_fits_model(estimator, model)
+    if config.train.compile:
+        estimator.compile()
+    run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes)
+    if training:
+        run.optimizer = build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
+        run.scheduler = build_scheduler(config.schedule, run.optimizer, config.train.epochs)
+    if with_data:
+        try:
+            run.test_loader = build_loader(config, test_data, False, device, None)
+            if training:
+                train_data, _ = load_split(config, "train", data_dir, download, config.data.train_subset)
+                run.train_loader = build_loader(config, train_data, True, device, generators.data)
+        except ValueError as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"data: {error}") from None
+    return run

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt of a run")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test samples")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="change a setting of the evaluation, e.g. --set solver.name=anderson (repeatable)")
     _add_data_arguments(evaluate)
     return parser
 
@@ -180,10 +182,14 @@ def command_presets(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     from .training.trainer import evaluate_checkpoint
 
+    overrides: dict[str, Any] = {}
+    for assignment in args.overrides:
+        apply_override(overrides, assignment)
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, download=args.download,
-                                 device=args.device, test_subset=args.test_subset)
+                                 device=args.device, test_subset=args.test_subset, overrides=overrides)
     print(f"epoch {result['epoch']}: test error {100 * result['test_error']:.2f}%  "
-          f"test loss {result['test_loss']:.4f}  ({result['samples']} samples)")
+          f"test loss {result['test_loss']:.4f}  ({result['samples']} samples; free phase "
+          f"{result['free_steps']:.1f} steps on average, mean residual {result['free_residual']:.2e})")
     return 0
 
 

@@ -154,6 +154,35 @@ class EstimatorConfig(Strict):
         return self
 
 
+class SolverConfig(Strict):
+    """How each phase reaches its steady state (``dynamics.t1``/``t2`` are the caps)."""
+
+    name: str = Field("fixed", description="the free phase's solver: fixed (the papers' T steps), tolerance, "
+                                           "alternating or anderson")
+    nudged: str | None = Field(None, description="the nudged phases' solver (None: the same as name); "
+                                                 "continual estimators always run T2 nudged steps")
+    tol: PositiveFloat = Field(1e-4, description="stop when every sample's max-norm change in one step is <= tol")
+    check_every: PositiveInt = Field(10, description="look at the residual every N steps (one host-device "
+                                                     "synchronisation per look)")
+    memory: PositiveInt = Field(5, description="anderson: iterates kept per sample")
+    regularization: NonNegativeFloat = Field(1e-8, description="anderson: λ relative to the mean squared residual")
+    mixing: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="anderson: weight of the map values "
+                                                                             "against the iterates")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SolverConfig":
+        from .solvers import SOLVERS
+        for key in ("name", "nudged"):
+            value = getattr(self, key)
+            if value is not None and value not in SOLVERS:
+                raise ValueError(f"{key}: unknown solver {value!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        return self
+
+    def uses_fixed_steps(self) -> bool:
+        """True when every phase runs the papers' fixed steps."""
+        return self.name == "fixed" and self.nudged in (None, "fixed")
+
+
 class OptimConfig(Strict):
     """Optimizer with one learning rate per layer (input first, readout last)."""
 
@@ -215,6 +244,7 @@ class RunConfig(Strict):
     model: ModelConfig = Field(default_factory=MLPConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -243,6 +273,9 @@ class RunConfig(Strict):
             if self.train.compile:
                 raise ValueError(f"train.compile: {self.estimator.name} runs its nudged phase step by step "
                                  "(the weights move at every step); compile applies to the other estimators")
+        if self.train.compile and not self.solver.uses_fixed_steps():
+            raise ValueError("train.compile: compiles the fixed solver's phases only (the other solvers look at "
+                             "the residual on the host); use solver.name fixed or turn compile off")
         return self
 
 # -- reading, changing, writing -------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dynamics import run_phase
+from .dynamics import PhaseRunner, run_phase
 from .models.base import Clamped, EnergyModel, State
 
 
@@ -91,7 +91,9 @@ class PhaseGraphs:
     the capture must not allocate workspace for the first time).
     """
 
-    def __init__(self, warmup: int = 3, max_graphs: int = 32) -> None:
+    def __init__(self, warmup: int = 3, max_graphs: int = 32, phase: PhaseRunner = run_phase) -> None:
+        #: the eager phase that is captured (:func:`~eqprop.dynamics.run_alternating` for alternating sweeps)
+        self.phase = phase
         self.warmup = warmup
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Graph] = {}
@@ -99,7 +101,7 @@ class PhaseGraphs:
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
         if steps == 0 or not state[0].is_cuda or torch.is_grad_enabled() or not model.supports_cuda_graphs():
-            return run_phase(model, clamped, state, steps, beta, target)
+            return self.phase(model, clamped, state, steps, beta, target)
         fields = [getattr(clamped, f.name) for f in dataclasses.fields(clamped)]
         extras = [t for t in (target, beta) if isinstance(t, Tensor)]   # target, then a per-sample β
         inputs = _tensor_leaves(fields) + list(state) + extras
@@ -151,7 +153,7 @@ class PhaseGraphs:
         with torch.cuda.stream(side):
             warm = static_state
             for _ in range(min(self.warmup, steps)):
-                warm = model.step(static_clamped, warm, static_beta, static_target)
+                warm = self.phase(model, static_clamped, warm, 1, static_beta, static_target)
         torch.cuda.current_stream().wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()
@@ -160,5 +162,5 @@ class PhaseGraphs:
         with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                             cache_enabled=False):
             with torch.cuda.graph(graph):
-                outputs = run_phase(model, static_clamped, static_state, steps, static_beta, static_target)
+                outputs = self.phase(model, static_clamped, static_state, steps, static_beta, static_target)
         return _Graph(graph, static, outputs)

@@ -9,23 +9,40 @@ optimizer applies it. Register a new estimator with :func:`register`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..dynamics import PhaseRunner, run_phase
 from ..models.base import Clamped, EnergyModel, State
+from ..solvers import Solver, SolverStats, build_solver
 
 
 @dataclass(frozen=True)
 class Phases:
-    """How long each phase runs and how hard the nudged phases pull."""
+    """How long each phase may run, how hard the nudged phases pull, and how each phase is solved.
 
-    t1: int          # free-phase steps
-    t2: int          # nudged-phase steps (K)
+    ``t1`` and ``t2`` are the papers' step counts; with a solver that stops at a
+    tolerance they are the caps. ``solver`` runs the free phase (None: the
+    ``fixed`` solver, the papers' plain T steps); ``nudged_solver`` runs the nudged
+    phases (None: the same solver as the free phase). Continual estimators move the
+    weights at every nudged step, so their nudged phase always runs its T2 steps.
+    """
+
+    t1: int          # free-phase steps (the cap)
+    t2: int          # nudged-phase steps K (the cap)
     beta: float      # nudging strength
+    solver: Solver | None = field(default=None, compare=False)
+    nudged_solver: Solver | None = field(default=None, compare=False)
+
+    def free_solver(self) -> Solver:
+        """The free phase's solver."""
+        return self.solver if self.solver is not None else _FIXED
+
+    def nudge_solver(self) -> Solver:
+        """The nudged phases' solver."""
+        return self.nudged_solver if self.nudged_solver is not None else self.free_solver()
 
 
 @dataclass
@@ -33,11 +50,15 @@ class Estimate:
     """An estimator's result for one mini-batch.
 
     ``direction`` holds ∇̂ ≈ -∂L/∂θ per trainable parameter; ``free_state`` is
-    the free steady state s*, from which the prediction and loss are read.
+    the free steady state s*, from which the prediction and loss are read;
+    ``free_stats`` and ``nudged_stats`` say how the phases were solved (steps,
+    residuals; the symmetric phases run as one doubled batch and report once).
     """
 
     direction: list[Tensor]
     free_state: State
+    free_stats: SolverStats | None = None
+    nudged_stats: SolverStats | None = None
 
 
 class Estimator(ABC):
@@ -54,9 +75,6 @@ class Estimator(ABC):
     def __init__(self, phases: Phases, generator: torch.Generator | None = None) -> None:
         self.phases = phases
         self.generator = generator
-        #: runs the phases without autograd: :func:`~eqprop.dynamics.run_phase`, or a
-        #: :class:`~eqprop.cuda_graphs.PhaseGraphs` that replays them as CUDA graphs
-        self.run_phase: PhaseRunner = run_phase
 
     @abstractmethod
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
@@ -106,26 +124,26 @@ class Estimator(ABC):
         return result
 
     # -- the phases shared by the EP estimators --------------------------------
-    def free_phase(self, model: EnergyModel, clamped: Clamped) -> State:
-        """T1 steps at β = 0 from the model's initial state."""
-        return self.run_phase(model, clamped, model.init_state(clamped.x), self.phases.t1)
+    def free_phase(self, model: EnergyModel, clamped: Clamped) -> tuple[State, SolverStats]:
+        """The free phase from the model's initial state: at most T1 steps at β = 0."""
+        return self.phases.free_solver()(model, clamped, model.init_state(clamped.x), self.phases.t1)
 
     def nudged_phase(self, model: EnergyModel, clamped: Clamped, free: State, beta: float,
-                     target: Tensor) -> State:
-        """T2 steps at ``beta`` starting from the free steady state."""
-        return self.run_phase(model, clamped, free, self.phases.t2, beta, target)
+                     target: Tensor) -> tuple[State, SolverStats]:
+        """A nudged phase at ``beta`` from the free steady state: at most T2 steps."""
+        return self.phases.nudge_solver()(model, clamped, free, self.phases.t2, beta, target)
 
     def symmetric_phases(self, model: EnergyModel, clamped: Clamped, free: State,
-                         target: Tensor) -> tuple[State, State]:
+                         target: Tensor) -> tuple[State, State, SolverStats]:
         """The +β and -β nudged phases, both from s*. They are independent, so they run
         side by side as one batch of 2B samples with a per-sample β: half the steps,
         each on a larger batch."""
         beta, batch = self.phases.beta, clamped.x.shape[0]
         signs = torch.ones(2 * batch, 1, dtype=clamped.x.dtype, device=clamped.x.device)
         signs[batch:] = -1.0
-        both = self.run_phase(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free],
-                              self.phases.t2, signs * beta, torch.cat([target, target]))
-        return [s[:batch] for s in both], [s[batch:] for s in both]
+        both, stats = self.phases.nudge_solver()(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free],
+                                                 self.phases.t2, signs * beta, torch.cat([target, target]))
+        return [s[:batch] for s in both], [s[batch:] for s in both], stats
 
 
 def head_difference(model: EnergyModel, target: Tensor, first: tuple[State, float],
@@ -152,6 +170,8 @@ def ep_difference(model: EnergyModel, clamped: Clamped, target: Tensor,
     grads = model.param_grads_difference(clamped, s2, s1, 1.0 / (b2 - b1))
     return grads + head_difference(model, target, first, second)
 
+
+_FIXED = build_solver("fixed")
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 E = TypeVar("E", bound=type[Estimator])

@@ -37,10 +37,12 @@ class BPTT(Estimator):
         params = model.trainable_parameters()
         with torch.enable_grad():
             clamped = model.clamp(x)  # once per batch: a dropout mask stays the same for all steps
-            with torch.no_grad():
-                state = self.run_phase(model, clamped, model.init_state(x), self.phases.t1 - self.steps)
+            with torch.no_grad():  # the untracked part of the free phase, by the run's solver
+                state, stats = self.phases.free_solver()(model, clamped, model.init_state(x),
+                                                         self.phases.t1 - self.steps)
             state = run_phase(model, clamped, state, self.steps)
             loss = model.head.loss(state[-1], target).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         direction = [torch.zeros_like(p) if g is None else g.neg() for p, g in zip(params, grads)]
-        return Estimate(direction, [s.detach() for s in state])
+        stats.steps += self.steps
+        return Estimate(direction, [s.detach() for s in state], stats)

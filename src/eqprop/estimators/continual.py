@@ -66,6 +66,7 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..models.mlp import MLPClamped, PMLP
+from ..solvers import SolverStats
 from .base import Estimate, Estimator, Phases, register
 from .vf import vector_field_grads
 
@@ -302,10 +303,10 @@ class ContinualEP(Estimator):
     def _run(self, model: EnergyModel, x: Tensor, target: Tensor, lrs: list[float]) -> Estimate:
         self.check_model(model)
         clamped = model.clamp(x)
-        free = self.free_phase(model, clamped)
+        free, free_stats = self.free_phase(model, clamped)
         result = continual_nudged_phase(model, clamped, free, self.beta(), target, self.phases.t2, lrs,
                                         self.rule, telescope=self.telescope_first_layer)
-        return Estimate(result.direction, free)
+        return Estimate(result.direction, free, free_stats, SolverStats(self.phases.t2, None))
 
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor,

@@ -19,10 +19,10 @@ class OneSidedEP(Estimator):
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         clamped = model.clamp(x)
-        free = self.free_phase(model, clamped)
+        free, free_stats = self.free_phase(model, clamped)
         beta = self.beta()
-        nudged = self.nudged_phase(model, clamped, free, beta, target)
-        return Estimate(self.direction(model, clamped, target, free, nudged, beta), free)
+        nudged, nudged_stats = self.nudged_phase(model, clamped, free, beta, target)
+        return Estimate(self.direction(model, clamped, target, free, nudged, beta), free, free_stats, nudged_stats)
 
     def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, free: State, nudged: State,
                   beta: float) -> list[Tensor]:

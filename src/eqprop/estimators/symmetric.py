@@ -19,9 +19,9 @@ class SymmetricEP(Estimator):
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
         clamped = model.clamp(x)
-        free = self.free_phase(model, clamped)
-        plus, minus = self.symmetric_phases(model, clamped, free, target)
-        return Estimate(self.direction(model, clamped, target, plus, minus), free)
+        free, free_stats = self.free_phase(model, clamped)
+        plus, minus, nudged_stats = self.symmetric_phases(model, clamped, free, target)
+        return Estimate(self.direction(model, clamped, target, plus, minus), free, free_stats, nudged_stats)
 
     def direction(self, model: EnergyModel, clamped: Clamped, target: Tensor, plus: State,
                   minus: State) -> list[Tensor]:

@@ -243,34 +243,26 @@ def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | Non
     No augmentation; the configuration's normalisation and device apply.
     """
     from .. import build
-    from ..data import load_dataset, resolve_data_root
     from ..training.checkpoint import CheckpointError, load_checkpoint
-    from ..training.trainer import configure_torch
 
     seed = config.train.seed if seed is None else int(seed)
     t1 = config.dynamics.t1 if t1 is None else int(t1)
     k = config.dynamics.t2 if k is None else int(k)
     beta = config.dynamics.beta if beta is None else float(beta)
-    batch_size = config.train.batch_size if batch_size is None else int(batch_size)
     config = config.model_copy(deep=True)
-    config.train.batch_size = batch_size
+    config.train.seed = seed
+    config.train.batch_size = config.train.batch_size if batch_size is None else int(batch_size)
     config.train.dtype = dtype
     config.data.augment = False
-    device = configure_torch(config)
-    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
-    data = load_dataset(config.data.dataset, "train", root, download)
-    model = build.build_model(config, seed)
+    run = build.build_run(config, data_dir=data_dir, download=download)
+    model = run.model
     if checkpoint is not None:
         try:
             model.load_state_dict(load_checkpoint(Path(checkpoint))["model"])
         except RuntimeError as error:
             raise CheckpointError(f"checkpoint {checkpoint} does not fit the configured model "
                                   f"({str(error).strip().splitlines()[0][:160]})") from None
-    build.check_model_fits_data(config, model, data)
-    model = model.to(device=device, dtype=build.DTYPES[dtype])
-    loader = build.build_loader(config, data, True, device, torch.Generator().manual_seed(seed))
-    x, y = next(iter(loader))
+    x, y = next(iter(run.train_loader))
     target = F.one_hot(y, model.head.classes).to(x.dtype)
     return run_gdu(model, x, target, t1=t1, k=k, beta=beta, estimators=estimators, lr=lr,
                    out_dir=out_dir, seed=seed)
-

@@ -121,6 +121,16 @@ class EnergyModel(nn.Module):
         new[-1] = new[-1] + nudge
         return new
 
+    def half_step(self, clamped: Clamped, state: State, parity: int, beta: float | Tensor = 0.0,
+                  target: Tensor | None = None) -> State:
+        """Update only the layers of index ``n % 2 == parity`` in the state (0: the first hidden
+        layer), from ``state``; the others are kept as they are. Two half-steps make one sweep of
+        :func:`~eqprop.dynamics.run_alternating`. This default takes a whole :meth:`step` and keeps
+        the chosen layers (right for any model, but no cheaper than a step); layered models
+        override it to compute only those layers."""
+        new = self.step(clamped, state, beta, target)
+        return [s_new if n % 2 == parity else s for n, (s_new, s) in enumerate(zip(new, state))]
+
     # -- learning ----------------------------------------------------------------
     def param_grads(self, clamped: Clamped, state: State) -> list[Tensor]:
         """``G(s) = ∂Φ/∂θ``, batch mean, aligned with :meth:`phi_parameters` (autograd default)."""

@@ -54,14 +54,14 @@ class PMLP(EnergyModel):
     the same either way.
     """
 
-    #: computes the input drive and the weight gradients; the trainer gives a model on the CPU
-    #: eqprop's C kernel instead (:class:`~eqprop.cpu_kernels.KernelProducts`)
-    products: DenseProducts = DenseProducts()
-
     def __init__(self, sizes: Sequence[int], activation: str = "scaled_sigmoid",
                  loss: str = "mse", nudge_inside: bool = True,
-                 generator: torch.Generator | None = None, init_scale: float = 1.0) -> None:
+                 generator: torch.Generator | None = None, init_scale: float = 1.0,
+                 products: DenseProducts | None = None) -> None:
         super().__init__()
+        #: computes the input drive and the weight gradients: PyTorch's, or a backend's (eqprop's
+        #: C kernel on the CPU, :class:`~eqprop.cpu_kernels.KernelProducts`)
+        self.products = products if products is not None else DenseProducts()
         sizes = [int(n) for n in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"an MLP needs at least an input and an output size >= 1, got {sizes}")
@@ -115,12 +115,27 @@ class PMLP(EnergyModel):
         """The base class's step with σ's scale and shift folded into the matmuls:
         one ``addmm`` per weight and one elementwise call per layer. Without autograd,
         σ overwrites the preactivations it owns (no new allocation per layer)."""
+        return self._update(clamped, state, beta, target, None)
+
+    def half_step(self, clamped: MLPClamped, state: State, parity: int, beta: float | Tensor = 0.0,
+                  target: Tensor | None = None) -> State:
+        """:meth:`step` for the layers of index ``n % 2 == parity`` only (the others kept): each
+        layer reads only its neighbours, so a sweep of two half-steps costs one step."""
+        return self._update(clamped, state, beta, target, parity)
+
+    def _update(self, clamped: MLPClamped, state: State, beta: float | Tensor, target: Tensor | None,
+                parity: int | None) -> State:
+        """The new state of every layer (``parity`` None) or of the layers of that parity."""
         k, core = self.activation.scale, self.activation.core
         core_ = self.activation.core_ if not torch.is_grad_enabled() else core
         weights, top_down, transposed = clamped.weights, clamped.top_down, clamped.transposed
         last = len(state) - 1
+        updated = [parity is None or n % 2 == parity for n in range(len(state))]
         new = []
         for n, offset in enumerate(clamped.offsets):
+            if not updated[n]:
+                new.append(state[n])
+                continue
             if n == 0:
                 u = offset
             elif transposed[n]:
@@ -130,11 +145,12 @@ class PMLP(EnergyModel):
             if n < last:
                 u = torch.addmm(u, state[n + 1], top_down[n], alpha=k)
             new.append(u)
-        nudge = None if is_free(beta) else self.head.nudge(state[-1], target, beta)
+        nudge = None if is_free(beta) or not updated[last] else self.head.nudge(state[-1], target, beta)
         if nudge is not None and self.head.nudge_inside:
             new[-1] = torch.add(new[-1], nudge, alpha=k) if last == 0 else new[-1].add_(nudge, alpha=k)
         # a one-layer model's free preactivation is the clamped offset itself: σ must not overwrite it
-        new = [core(u) if u is clamped.offsets[0] else core_(u) for u in new]
+        new = [u if not updated[n] else core(u) if u is clamped.offsets[0] else core_(u)
+               for n, u in enumerate(new)]
         if nudge is not None and not self.head.nudge_inside:
             new[-1] = new[-1] + nudge
         return new

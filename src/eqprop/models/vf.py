@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..initialization import init_linear_
 from .base import Clamped, EnergyModel, State
+from .products import DenseProducts
 from .mlp import PMLP
 
 BACKWARD_INITS = ("independent", "flipped")
@@ -173,9 +174,10 @@ class VFMLP(VectorFieldModel, PMLP):
 
     def __init__(self, sizes: Sequence[int], activation: str = "scaled_sigmoid", loss: str = "mse",
                  nudge_inside: bool = True, generator: torch.Generator | None = None, init_scale: float = 1.0,
-                 backward_init: str = "independent", backward_angle: float = 0.0) -> None:
+                 backward_init: str = "independent", backward_angle: float = 0.0,
+                 products: DenseProducts | None = None) -> None:
         check_backward_options(backward_init, backward_angle)
-        super().__init__(sizes, activation, loss, nudge_inside, generator, init_scale)
+        super().__init__(sizes, activation, loss, nudge_inside, generator, init_scale, products)
         self._make_backward([("layers", k, True, k + 1) for k in range(1, len(self.layers))])
         self.reset_backward_(generator, backward_init, backward_angle, init_scale)
 

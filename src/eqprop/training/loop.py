@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader
-from ..dynamics import PhaseRunner, run_phase
 from ..estimators import Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
+from ..solvers import Solver, SolverStats, build_solver
 
 
 class DivergenceError(RuntimeError):
@@ -37,6 +37,9 @@ class EpochStats:
     seconds: float
     samples: int
     gradient_angles: list[list[float]] = field(default_factory=list)
+    #: how the phases were solved: ``free_steps``, ``nudged_steps`` (mean per phase), their
+    #: ``_max``, the mean final residuals, ... (:meth:`SolverTotals.summary`)
+    solver: dict[str, float] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -80,6 +83,45 @@ class _Totals:
         return loss / n, errors / n, finite
 
 
+class SolverTotals:
+    """Steps and residuals of one kind of phase over an epoch. Steps are host integers; the
+    residuals are summed on the device and read once, at :meth:`summary`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.phases = 0
+        self.steps = 0
+        self.max_steps = 0
+        self.capped = 0      # phases that stopped at the cap without meeting the tolerance
+        self.measured = 0    # residuals summed
+        self.residual = torch.zeros((), dtype=torch.float64, device=device)
+        self.fallbacks = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, stats: SolverStats | None) -> None:
+        if stats is None:
+            return
+        self.phases += 1
+        self.steps += stats.steps
+        self.max_steps = max(self.max_steps, stats.steps)
+        self.capped += stats.converged is False
+        if stats.residual is not None:
+            self.residual += stats.residual.sum(dtype=torch.float64)
+            self.measured += stats.residual.numel()
+        if isinstance(stats.fallbacks, torch.Tensor):
+            self.fallbacks += stats.fallbacks
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """``{prefix}_steps`` (mean per phase), ``_steps_max``, ``_residual`` (mean final residual per
+        sample), ``_capped`` (fraction of phases that hit the cap short of the tolerance),
+        ``_fallbacks`` (Anderson's plain steps); empty if no phase ran."""
+        if not self.phases:
+            return {}
+        summary = {f"{prefix}_steps": self.steps / self.phases, f"{prefix}_steps_max": self.max_steps,
+                   f"{prefix}_capped": self.capped / self.phases, f"{prefix}_fallbacks": int(self.fallbacks.item())}
+        if self.measured:
+            summary[f"{prefix}_residual"] = self.residual.item() / self.measured
+        return summary
+
+
 def one_hot_rows(classes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The ``[classes, classes]`` identity: row y is label y's one-hot target. Indexing it is
     several times faster than ``F.one_hot(...).to(dtype)``, which also checks the labels' range
@@ -99,6 +141,7 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     """
     model.train()
     totals = _Totals(loader.device)
+    free_totals, nudged_totals = SolverTotals(loader.device), SolverTotals(loader.device)
     params = model.trainable_parameters()
     angles: list[list[float]] = []
     targets = one_hot_rows(model.head.classes, loader.dtype, loader.device)
@@ -112,6 +155,8 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                 angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
             with torch.autocast(loader.device.type, torch.bfloat16, enabled=bf16_autocast):
                 result = estimator.train_step(model, x, target, optimizer)
+            free_totals.add(result.free_stats)
+            nudged_totals.add(result.nudged_stats)
             with torch.no_grad():
                 free = [s.to(x.dtype) for s in result.free_state]
                 totals.add(model.logits(free), model.head.loss(free[-1], target), y)
@@ -120,12 +165,15 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                 loss, error, finite = _checked(totals, epoch, i)
                 if show_progress:
                     elapsed = time.perf_counter() - start
+                    steps = {name: f"{t.steps / t.phases:.1f}" for name, t in
+                             (("free", free_totals), ("nudged", nudged_totals)) if t.phases}
                     bar.set_postfix(loss=f"{loss:.4f}", err=f"{100 * error:.2f}%",
-                                    speed=f"{totals.samples / elapsed:.0f}/s")
+                                    speed=f"{totals.samples / elapsed:.0f}/s", **steps)
     seconds = time.perf_counter() - start
     totals.finite &= torch.isfinite(torch.stack([p.sum() for p in params])).all()  # NaN/inf propagate
     loss, error, _ = _checked(totals, epoch, len(loader))
-    return EpochStats(loss, error, seconds, totals.samples, angles)
+    solver = {**free_totals.summary("free"), **nudged_totals.summary("nudged")}
+    return EpochStats(loss, error, seconds, totals.samples, angles, solver)
 
 
 def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, bool]:
@@ -137,19 +185,23 @@ def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, boo
 
 
 @torch.no_grad()
-def evaluate(model: EnergyModel, loader: BatchLoader, t1: int,
-             phase_runner: PhaseRunner = run_phase) -> tuple[float, float]:
-    """Mean loss and error rate of the free steady state (T1 steps, run by ``phase_runner``)
-    over ``loader``."""
+def evaluate(model: EnergyModel, loader: BatchLoader, solver: Solver | None = None,
+             t1: int = 30) -> tuple[float, float, dict[str, float]]:
+    """Mean loss and error rate of the free steady state over ``loader``, and how it was solved
+    (``free_steps`` and the rest of :meth:`SolverTotals.summary`). The free phase runs ``solver``
+    (None: the papers' fixed steps) with at most ``t1`` steps."""
     model.eval()
+    solver = solver if solver is not None else build_solver("fixed")
     totals = _Totals(loader.device)
+    phases = SolverTotals(loader.device)
     targets = one_hot_rows(model.head.classes, loader.dtype, loader.device)
     for x, y in loader:
         target = targets[y]
         clamped = model.clamp(x)
-        state = phase_runner(model, clamped, model.init_state(x), t1)
+        state, stats = solver(model, clamped, model.init_state(x), t1)
+        phases.add(stats)
         totals.add(model.logits(state), model.head.loss(state[-1], target), y)
     loss, error, finite = totals.read()
     if not finite:
         raise DivergenceError("evaluation produced NaN or inf: the weights have diverged")
-    return loss, error
+    return loss, error, phases.summary("free")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,8 @@ import torch
 from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
+from ..build import Generators
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
-from ..cpu_kernels import KernelPhases
-from ..cuda_graphs import PhaseGraphs
-from ..data import load_dataset, resolve_data_root
-from ..dynamics import PhaseRunner, run_phase
-from ..models import EnergyModel, PMLP
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
@@ -35,44 +30,6 @@ from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "best.pt"  # the epoch of lowest test error so far (a later collapse keeps it)
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Generators:
-    """Every random stream of a run after initialisation, each seeded from the run's seed."""
-
-    data: torch.Generator       # shuffling and augmentation (CPU)
-    estimator: torch.Generator  # random sign of β and the like (CPU)
-    model: torch.Generator      # dropout masks (on the model's device)
-
-    @classmethod
-    def seeded(cls, seed: int, device: torch.device) -> "Generators":
-        return cls(torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
-                   torch.Generator(device=device).manual_seed(cls.model_seed(seed)))
-
-    @staticmethod
-    def model_seed(seed: int, epoch: int = 0) -> int:
-        """The seed of the model's (dropout) stream; a run moved to another device after
-        ``epoch`` re-seeds it with this, since device generator states do not carry over."""
-        return seed + 3 + epoch
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).get_state() for name in ("data", "estimator", "model")}
-
-    def restore(self, states: dict[str, torch.Tensor]) -> None:
-        for name, state in states.items():
-            getattr(self, name).set_state(state)
-
-
-def configure_torch(config: RunConfig) -> torch.device:
-    """Apply thread count and CUDA math settings; return the run's device."""
-    device = build.resolve_device(config.train.device)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
-        torch.backends.cudnn.allow_tf32 = config.train.tf32
-    return device
 
 
 def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> RunConfig:
@@ -100,27 +57,11 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
 
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
-    device = configure_torch(config)
-    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
-    train_data = build.subset(load_dataset(config.data.dataset, "train", root, download), config.data.train_subset)
-    test_data = build.subset(load_dataset(config.data.dataset, "test", root, download), config.data.test_subset)
-
-    model = build.build_model(config)
-    build.check_model_fits_data(config, model, train_data)
-    model = place_model(model, config, device)
-    generators = Generators.seeded(config.train.seed, device)
-    model.dropout_generator = generators.model
-    estimator = build.build_estimator_from(config, generators.estimator)
-    if config.train.compile:
-        estimator.compile()
-    estimator.run_phase = model_phase_runner(model, config, device)
-    optimizer = build.build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
-    scheduler = build.build_scheduler(config.schedule, optimizer, config.train.epochs)
-    try:
-        train_loader = build.build_loader(config, train_data, True, device, generators.data)
-        test_loader = build.build_loader(config, test_data, False, device, None)
-    except ValueError as error:
-        raise ConfigError(f"data: {error}") from None
+    run = build.build_run(config, data_dir=data_dir, download=download)
+    for note in run.notes:
+        log(note)
+    model, estimator, optimizer, scheduler = run.model, run.estimator, run.optimizer, run.scheduler
+    generators, device, root = run.generators, run.device, run.data_root
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
@@ -133,18 +74,19 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
     atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
 
     for epoch in range(first_epoch, config.train.epochs + 1):
-        stats = train_epoch(model, estimator, optimizer, train_loader, epoch, show_progress=show_progress,
+        stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
                             angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
                             bf16_autocast=config.train.bf16_autocast)
         with warnings.catch_warnings():
             if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             scheduler.step()
-        test_loss, test_error = evaluate(model, test_loader, config.dynamics.t1, estimator.run_phase)
+        test_loss, test_error, test_solver = run.evaluate()
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
                   "samples_per_second": stats.samples_per_second,
                   "lr": [group["lr"] for group in optimizer.param_groups],
+                  **stats.solver, **{f"test_{key}": value for key, value in test_solver.items()},
                   **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
         if stats.gradient_angles:
             record["gradient_angles"] = stats.gradient_angles
@@ -162,7 +104,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         plot_curves(out_dir, records, config.name)
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
-            f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s)")
+            f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s){_steps_text(stats.solver)}")
         warning = collapse_warning(records)
         if warning:
             log(warning)
@@ -186,39 +128,10 @@ def collapse_warning(records: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def phase_runner(config: RunConfig, device: torch.device) -> PhaseRunner:
-    """What runs the phases: CUDA graphs on CUDA, eqprop's C kernel on the CPU (each where
-    configured and the phases are not compiled), else PyTorch's eager steps."""
-    if config.train.compile:
-        return run_phase
-    if config.train.cuda_graphs and device.type == "cuda":
-        return PhaseGraphs()
-    if config.train.cpu_kernels and device.type == "cpu":
-        return KernelPhases(config.train.cpu_kernel_threads)
-    return run_phase
-
-
-def model_phase_runner(model: EnergyModel, config: RunConfig, device: torch.device) -> PhaseRunner:
-    """The run's phase runner for ``model``. With the C kernel, a fully connected model also
-    computes its input drive and weight gradients with it, and the kernel is built now, before
-    any clock starts, if it will run this model's phases."""
-    runner = phase_runner(config, device)
-    if isinstance(runner, KernelPhases):
-        runner.prepare(model)
-        if isinstance(model, PMLP):
-            model.products = runner.products
-    return runner
-
-
-def place_model(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.nn.Module:
-    """Move the model to the run's device, dtype and (conv models) memory layout."""
-    model = model.to(device=device, dtype=build.DTYPES[config.train.dtype])
-    channels_last = config.train.channels_last
-    if channels_last == "auto":
-        channels_last = device.type == "cpu"
-    if channels_last and config.model.kind == "cnn":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+def _steps_text(solver: dict[str, float]) -> str:
+    """The epoch line's mean steps per phase, where a solver chooses them."""
+    parts = [f"{name} {solver[f'{name}_steps']:.1f}" for name in ("free", "nudged") if f"{name}_steps" in solver]
+    return f"  steps: {', '.join(parts)}" if parts else ""
 
 
 def resolve_schedule(config: RunConfig) -> RunConfig:
@@ -268,26 +181,28 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
 
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, download: bool = False,
-                        device: str | None = None, test_subset: int | None = None) -> dict[str, float]:
-    """Test loss and error of the model saved in a checkpoint."""
+                        device: str | None = None, test_subset: int | None = None,
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Test loss and error of the model saved in a checkpoint, and the free phase's steps.
+    ``overrides``: configuration sections to change for the evaluation (e.g. ``{"solver":
+    {"name": "anderson"}}``); the model's own settings cannot be changed."""
     checkpoint = load_checkpoint(path)
     config = checkpoint_config(path, checkpoint)
     if data_dir is None:
         data_dir = checkpoint.get("data_dir")  # the data the run was trained on
-    updates: dict[str, Any] = {}
+    data = config.model_dump(mode="json")
+    for section, values in (overrides or {}).items():
+        if section == "model":
+            raise ConfigError("eval: the model's settings come from the checkpoint and cannot be changed")
+        data.setdefault(section, {}).update(values)
     if device is not None:
-        updates["device"] = device
-    config = config.model_copy(update={"train": config.train.model_copy(update=updates)})
-    run_device = configure_torch(config)
-    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
-    test_data = build.subset(load_dataset(config.data.dataset, "test", root, download),
-                             test_subset or config.data.test_subset)
-    model = build.build_model(config)
+        data["train"]["device"] = device
+    run = build.build_run(validate_config(data), data_dir=data_dir, download=download, training=False,
+                          test_subset=test_subset)
     try:
-        model.load_state_dict(checkpoint["model"])
+        run.model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
-    model = place_model(model, config, run_device)
-    loader = build.build_loader(config, test_data, False, run_device, None)
-    loss, error = evaluate(model, loader, config.dynamics.t1, model_phase_runner(model, config, run_device))
-    return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error, "samples": len(test_data)}
+    loss, error, solver = run.evaluate()
+    return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error,
+            "samples": run.test_loader.num_examples, **solver}
