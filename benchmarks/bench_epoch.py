@@ -9,6 +9,11 @@ machine readable.
 
     python benchmarks/bench_epoch.py --preset laborieux-mnist --data-dir ../shared/data \\
         --variants kernel eager --repeats 3 --json out.json
+
+``--solvers`` times the same variants once per solver setting, each a
+comma-separated list of ``solver`` keys (``fixed``, or e.g.
+``name=anderson,sweep=alternating,tol=1e-4``), and adds the mean free and
+nudged steps per phase to the table.
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from eqprop.config import validate_config
+from eqprop.config import apply_override, validate_config
 from eqprop.presets import load_preset
 from eqprop.training.trainer import train
 
@@ -43,6 +50,17 @@ def stolen_seconds() -> float | None:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else None
 
 
+def solver_section(setting: str) -> dict[str, object]:
+    """``fixed``, or ``key=value,key=value`` (values read as YAML), as a ``solver`` section."""
+    if setting == "fixed":
+        return {"name": "fixed"}
+    section = {}
+    for pair in setting.split(","):
+        key, _, value = pair.partition("=")
+        section[key.strip()] = yaml.safe_load(value)
+    return section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="laborieux-mnist")
@@ -51,14 +69,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--solvers", nargs="+", default=["fixed"],
+                        help="solver settings, each 'fixed' or key=value pairs joined by commas")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of the preset for every run (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     rows = []
-    print(f"{'variant':<18}{'run':>4}{'epoch':>6}{'seconds':>9}{'steal s':>9}{'test error':>12}")
+    print(f"{'variant':<18}{'solver':<44}{'run':>4}{'epoch':>6}{'seconds':>9}{'steal s':>9}{'test error':>12}"
+          f"{'free':>7}{'nudged':>7}")
     for repeat in range(1, args.repeats + 1):
-        for variant in args.variants:
+        for variant, solver in [(v, s) for s in args.solvers for v in args.variants]:
             data = load_preset(args.preset)
+            for assignment in args.overrides:
+                apply_override(data, assignment)
             data["train"].update(epochs=args.epochs, device=args.device, **VARIANTS[variant])
+            data["solver"] = solver_section(solver)
             config = validate_config(data)
             with tempfile.TemporaryDirectory() as out:
                 before, start = stolen_seconds(), time.perf_counter()
@@ -67,14 +93,17 @@ def main() -> None:
                 after = stolen_seconds()
             steal = None if before is None or after is None else after - before
             for record in records:
-                rows.append({"variant": variant, "repeat": repeat, "epoch": record["epoch"],
+                steps = {key: value for key, value in record.items() if key.startswith(("free_", "nudged_"))}
+                rows.append({"variant": variant, "solver": solver, "repeat": repeat, "epoch": record["epoch"],
                              "epoch_seconds": record["epoch_seconds"], "test_error": record["test_error"],
-                             "run_wall_seconds": wall, "run_steal_seconds": steal})
-                print(f"{variant:<18}{repeat:>4}{record['epoch']:>6}{record['epoch_seconds']:>9.2f}"
-                      f"{'' if steal is None else f'{steal:.2f}':>9}{100 * record['test_error']:>11.2f}%")
+                             "run_wall_seconds": wall, "run_steal_seconds": steal, **steps})
+                print(f"{variant:<18}{solver:<44}{repeat:>4}{record['epoch']:>6}{record['epoch_seconds']:>9.2f}"
+                      f"{'' if steal is None else f'{steal:.2f}':>9}{100 * record['test_error']:>11.2f}%"
+                      f"{record.get('free_steps', float('nan')):>7.1f}{record.get('nudged_steps', float('nan')):>7.1f}")
     if args.json:
         meta = {"preset": args.preset, "device": args.device, "torch": torch.__version__,
-                "machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()}
+                "machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count(),
+                "command": "python benchmarks/bench_epoch.py " + " ".join(sys.argv[1:])}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 

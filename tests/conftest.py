@@ -52,11 +52,10 @@ class KernelOnly(KernelPhases):
     """:class:`~eqprop.cpu_kernels.KernelPhases` that fails instead of falling back to PyTorch:
     for tests that must run the C kernel."""
 
-    def __call__(self, model, clamped, state, steps, beta=0.0, target=None):
+    def run_until(self, model, clamped, state, steps, beta=0.0, target=None, tol=0.0, check_every=1):
         assert kernel_applies(model, clamped, state)
-        kernel = self.kernel_for(state[0].dtype)
-        assert kernel is not None, self.unavailable
-        result = self._run(kernel, model, clamped, state, steps, beta, target)
+        assert self.kernel_for(state[0].dtype) is not None, self.unavailable
+        result = super().run_until(model, clamped, state, steps, beta, target, tol, check_every)
         assert result is not None
         return result
 

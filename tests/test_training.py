@@ -19,7 +19,7 @@ def small_config(**changes):
     data["train"].update(epochs=2, batch_size=20, threads=1)
     data["dynamics"].update(t1=12, t2=4)
     for section, values in changes.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     return validate_config(data)
 
 

@@ -54,19 +54,18 @@ class CudaGraphsBackend(Backend):
 
 
 class CpuKernelBackend(Backend):
-    """eqprop's C kernel for fully connected models on the CPU (synchronous steps only; every
-    other model or phase falls back to PyTorch inside :class:`~eqprop.cpu_kernels.KernelPhases`)."""
+    """eqprop's C kernel for fully connected models on the CPU, synchronous steps and alternating
+    sweeps (every other model or phase falls back to PyTorch inside
+    :class:`~eqprop.cpu_kernels.KernelPhases`)."""
 
     name = "cpu_kernel"
 
     def __init__(self, threads: int | None = None) -> None:
         self.phases = KernelPhases(threads)
-
-    def supports(self, sweep: Sweep) -> bool:
-        return sweep == "synchronous"
+        self._sweeps = {"synchronous": self.phases, "alternating": KernelPhases(threads, "alternating")}
 
     def runner(self, sweep: Sweep) -> PhaseRunner:
-        return self.phases if sweep == "synchronous" else EAGER_RUNNERS[sweep]
+        return self._sweeps[sweep]
 
     @property
     def products(self) -> DenseProducts:

@@ -206,26 +206,33 @@ def build_backend(config: RunConfig, device: torch.device) -> Backend:
     return Backend()
 
 
-def _solver_options(config: SolverConfig, name: str) -> dict[str, object]:
-    """The ``solver`` section's options that solver ``name`` takes."""
-    return {key: getattr(config, key) for key in solver_class(name).config_fields}
+def _solver_options(config: SolverConfig, name: str, device: torch.device) -> dict[str, object]:
+    """The ``solver`` section's options that solver ``name`` takes (``check_every`` resolved for
+    the device: a look at the residual is free on the CPU, a synchronisation on a GPU)."""
+    options = {key: getattr(config, key) for key in solver_class(name).config_fields}
+    if "check_every" in options and options["check_every"] is None:
+        options["check_every"] = 1 if device.type == "cpu" else 10
+    return options
 
 
-def build_solvers(config: RunConfig, backend: Backend) -> tuple[tuple[Solver, Solver], list[str]]:
-    """The free and nudged phases' solvers on ``backend``, and one line for each solver that
-    the backend cannot run (it then runs in PyTorch)."""
+def build_solvers(config: RunConfig, backend: Backend,
+                  device: torch.device = torch.device("cpu")) -> tuple[tuple[Solver, Solver], list[str]]:
+    """The free and nudged phases' solvers on ``backend`` for ``device``, and one line for each
+    solver that the backend cannot run (it then runs in PyTorch)."""
     section = config.solver
     notes: list[str] = []
     solvers = []
-    for name in (section.name, section.nudged or section.name):
+    for name in (section.name, section.nudged_name()):
         cls = solver_class(name)
-        if not backend.supports(cls.sweep):
+        options = _solver_options(section, name, device)
+        sweep = options.get("sweep", cls.sweep)
+        if not backend.supports(sweep):
             note = (f"solver {name}: the {backend.name} backend runs synchronous steps only; "
-                    f"its {cls.sweep} sweeps run in PyTorch")
+                    f"its {sweep} sweeps run in PyTorch")
             if note not in notes:
                 notes.append(note)
         try:
-            solvers.append(cls(backend.runner(cls.sweep), **_solver_options(section, name)))
+            solvers.append(cls(backend.runner(sweep), **options))
         except ValueError as error:
             raise ConfigError(f"solver: {error}") from None
     return (solvers[0], solvers[1]), notes
@@ -326,7 +333,7 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     generators = Generators.seeded(config.train.seed, device)
     if hasattr(model, "dropout_generator"):
         model.dropout_generator = generators.model
-    solvers, notes = build_solvers(config, backend)
+    solvers, notes = build_solvers(config, backend, device)
     estimator = build_estimator_from(config, generators.estimator, solvers)
     check_estimator_fits_model(estimator, model)
     if config.train.compile:

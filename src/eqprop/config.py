@@ -159,15 +159,21 @@ class SolverConfig(Strict):
 
     name: str = Field("fixed", description="the free phase's solver: fixed (the papers' T steps), tolerance, "
                                            "alternating or anderson")
-    nudged: str | None = Field(None, description="the nudged phases' solver (None: the same as name); "
-                                                 "continual estimators always run T2 nudged steps")
+    nudged: str | None = Field(None, description="the nudged phases' solver (None: fixed when name is fixed, else "
+                                                 "tolerance, which stops a converging nudged phase early and "
+                                                 "runs a non-converging one exactly as fixed does); continual "
+                                                 "estimators always run T2 nudged steps")
     tol: PositiveFloat = Field(1e-4, description="stop when every sample's max-norm change in one step is <= tol")
-    check_every: PositiveInt = Field(10, description="look at the residual every N steps (one host-device "
-                                                     "synchronisation per look)")
+    check_every: PositiveInt | None = Field(
+        None, description="look at the residual every N steps (one host-device synchronisation per look; "
+                          "None: 1 on the CPU, where a look costs nothing, 10 on a GPU)")
     memory: PositiveInt = Field(5, description="anderson: iterates kept per sample")
     regularization: NonNegativeFloat = Field(1e-8, description="anderson: λ relative to the mean squared residual")
     mixing: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="anderson: weight of the map values "
                                                                              "against the iterates")
+    sweep: Literal["synchronous", "alternating"] = Field(
+        "synchronous", description="anderson: the map it accelerates, one synchronous step or one alternating "
+                                   "sweep (even then odd layers)")
 
     @model_validator(mode="after")
     def _check(self) -> "SolverConfig":
@@ -178,9 +184,15 @@ class SolverConfig(Strict):
                 raise ValueError(f"{key}: unknown solver {value!r}; choose one of {', '.join(sorted(SOLVERS))}")
         return self
 
+    def nudged_name(self) -> str:
+        """The nudged phases' solver, the default resolved."""
+        if self.nudged is not None:
+            return self.nudged
+        return "fixed" if self.name == "fixed" else "tolerance"
+
     def uses_fixed_steps(self) -> bool:
         """True when every phase runs the papers' fixed steps."""
-        return self.name == "fixed" and self.nudged in (None, "fixed")
+        return self.name == "fixed" and self.nudged_name() == "fixed"
 
 
 class OptimConfig(Strict):

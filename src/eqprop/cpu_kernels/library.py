@@ -195,7 +195,8 @@ def _bind(library: ctypes.CDLL) -> Kernel:
     pointer, i64, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     signatures = {
         "eqprop_mlp_phase": [i64, pointer, pointer, pointer, pointer, real, i64, pointer, pointer,
-                             i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64],
+                             i64, i64, pointer, pointer, pointer, pointer, i64, i64, i64, real, i64, pointer,
+                             pointer, i64],
         "eqprop_linear": [pointer, pointer, pointer, pointer, i64, i64, i64, i64],
         "eqprop_outer": [pointer, pointer, pointer, i64, i64, i64, real, i64],
     }

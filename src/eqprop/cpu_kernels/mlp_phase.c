@@ -12,6 +12,18 @@
  * (times scale) or after it. Built once with REAL = float, once with
  * REAL = double (-DEQPROP_DOUBLE).
  *
+ * With `alternating`, a step is a sweep of PMLP.half_step: the even layers
+ * (0, 2, ...) from the current state, then the odd layers from the even ones
+ * just computed. Each layer reads only its neighbours (and the last layer its
+ * own state for the nudge), so a sweep costs what a synchronous step costs.
+ *
+ * With a tolerance, every `check_every` steps each sample's residual (the
+ * largest change of any of its units in that step) is measured, and a sample
+ * whose residual is at most the tolerance stops there: its state is final and
+ * it costs nothing more. The phase ends when every sample has stopped, or at
+ * the cap. A sample's result depends on nothing but its own rows: not on the
+ * other samples, nor on the thread count (eqprop.solvers.tolerance).
+ *
  * Why: a PyTorch step of a 784-512-10 network is four small kernels, each far
  * from the hardware's speed at these shapes, plus the interpreter between
  * them. Here a phase of T steps is one call that keeps the batch's state in
@@ -272,73 +284,162 @@ typedef struct {
     const REAL *w_out, *b_out;
     const REAL *const *initial;
     REAL *const *final;
-    int64_t steps, start, stop;
+    int64_t steps, alternating;
+    double tol;                           /* > 0: samples stop at this residual, checked every check_every */
+    int64_t check_every;
+    REAL *residual;                       /* [batch]: each sample's residual at its last step, or NULL */
+    int64_t *taken;                       /* [batch]: each sample's steps, or NULL */
+    int64_t start, stop;
     int status;
 } Phase;
 
-/* The phase on rows [start, stop) of the batch; sets status 1 if scratch memory ran out. */
+/* Largest |a - b| over `width` values. */
+static REAL max_change(const REAL *restrict a, const REAL *restrict b, int64_t width) {
+    REAL top = 0;
+    for (int64_t i = 0; i < width; i++) {
+        const REAL d = a[i] > b[i] ? a[i] - b[i] : b[i] - a[i];
+        top = d > top ? d : top;
+    }
+    return top;
+}
+
+/* Exchange rows i and j (of `width` values each) of a row-major block. */
+static void swap_rows(REAL *rows, int64_t i, int64_t j, int64_t width) {
+    for (int64_t k = 0; k < width; k++) {
+        const REAL t = rows[i * width + k];
+        rows[i * width + k] = rows[j * width + k];
+        rows[j * width + k] = t;
+    }
+}
+
+/* The phase on rows [start, stop) of the batch; sets status 1 if scratch memory ran out.
+ *
+ * The rows still running are kept first, rows [0, active): a sample that stops is copied out to
+ * its own final rows, then exchanged with the last running row (in the state and in its own
+ * drive, target and beta), so every product runs over one contiguous block that shrinks as
+ * samples settle. row[b] is the batch row of local row b. */
 static void run_rows(void *job) {
     Phase *p = job;
-    const int64_t layers = p->layers, last = layers - 1, batch = p->stop - p->start, first = p->start;
+    const int64_t layers = p->layers, last = layers - 1, rows = p->stop - p->start, first = p->start;
     const int64_t *sizes = p->sizes;
+    const int64_t target_width = p->classes ? p->classes : sizes[last];
+    const int nudged_phase = p->beta != NULL;
     int64_t total = 0;
-    for (int64_t n = 0; n < layers; n++) total += batch * sizes[n];
+    for (int64_t n = 0; n < layers; n++) total += rows * sizes[n];
+    const int64_t locals = rows * sizes[0] + (nudged_phase ? rows * (target_width + 1) : 0);
     REAL **buffers = malloc(2 * (size_t)layers * sizeof(REAL *));
-    const REAL **initial = malloc((size_t)layers * sizeof(REAL *));
-    REAL *pool = malloc((size_t)(total + p->classes + 1) * sizeof(REAL));  /* + the readout's scores */
-    if (buffers == NULL || initial == NULL || pool == NULL) {
+    int64_t *row = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    REAL *change = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(REAL));
+    REAL *pool = malloc((size_t)(2 * total + locals + p->classes + 1) * sizeof(REAL));  /* + readout scores */
+    if (buffers == NULL || row == NULL || change == NULL || pool == NULL) {
         free(buffers);
-        free(initial);
+        free(row);
+        free(change);
         free(pool);
         p->status = 1;
         return;
     }
-    /* Step t writes next[n] and reads current[n] (the initial state at t = 0), then the two
-     * swap: the final rows and the scratch pool alternate, in the order that makes the last
-     * step write the final rows. */
+    /* current[n] holds the state, next[n] receives a layer's update; the two swap per layer */
     REAL **current = buffers, **next = buffers + layers;
-    for (int64_t n = 0, used = 0; n < layers; n++) {
-        REAL *final = p->final[n] + first * sizes[n], *scratch = pool + used;
-        current[n] = p->steps % 2 ? scratch : final;
-        next[n] = p->steps % 2 ? final : scratch;
-        used += batch * sizes[n];
-        if (p->steps == 0)
-            memcpy(final, p->initial[n] + first * sizes[n], (size_t)(batch * sizes[n]) * sizeof(REAL));
+    REAL *free_pool = pool;
+    for (int64_t n = 0; n < layers; n++) {
+        current[n] = free_pool;
+        next[n] = free_pool + rows * sizes[n];
+        free_pool += 2 * rows * sizes[n];
+        memcpy(current[n], p->initial[n] + first * sizes[n], (size_t)(rows * sizes[n]) * sizeof(REAL));
     }
-    for (int64_t n = 0; n < layers; n++) initial[n] = p->initial[n] + first * sizes[n];
-    const REAL *beta = p->beta ? p->beta + first : NULL;
-    const REAL *target = p->beta ? p->target + first * (p->classes ? p->classes : sizes[last]) : NULL;
-    for (int64_t t = 0; t < p->steps; t++) {
-        const REAL *const *read = t == 0 ? initial : (const REAL *const *)current;
-        for (int64_t n = 0; n < layers; n++) {
-            const int64_t width = sizes[n];
-            REAL *u = next[n];
-            if (n == 0) {
-                memcpy(u, p->offsets[0] + first * width, (size_t)(batch * width) * sizeof(REAL));
-            } else {
-                for (int64_t b = 0; b < batch; b++)
-                    memcpy(u + b * width, p->offsets[n], (size_t)width * sizeof(REAL));
-                add_forward(u, p->weights[n], read[n - 1], batch, width, sizes[n - 1], p->scale);
+    REAL *drive = free_pool, *target = NULL, *beta = NULL, *scores = free_pool + locals;
+    memcpy(drive, p->offsets[0] + first * sizes[0], (size_t)(rows * sizes[0]) * sizeof(REAL));
+    if (nudged_phase) {
+        target = drive + rows * sizes[0];
+        beta = target + rows * target_width;
+        memcpy(target, p->target + first * target_width, (size_t)(rows * target_width) * sizeof(REAL));
+        memcpy(beta, p->beta + first, (size_t)rows * sizeof(REAL));
+    }
+    for (int64_t b = 0; b < rows; b++) {
+        row[b] = first + b;
+        change[b] = 0;
+    }
+    const int64_t halves = p->alternating ? 2 : 1, stride = p->alternating ? 2 : 1;
+    int64_t active = rows;
+    for (int64_t t = 0; t < p->steps && active > 0; t++) {
+        const int check = t + 1 == p->steps || (p->tol > 0 && (t + 1) % p->check_every == 0);
+        if (check)
+            for (int64_t b = 0; b < active; b++) change[b] = 0;
+        for (int64_t half = 0; half < halves; half++) {
+            for (int64_t n = half; n < layers; n += stride) {
+                const int64_t width = sizes[n];
+                REAL *u = next[n];
+                if (n == 0) {
+                    memcpy(u, drive, (size_t)(active * width) * sizeof(REAL));
+                } else {
+                    for (int64_t b = 0; b < active; b++)
+                        memcpy(u + b * width, p->offsets[n], (size_t)width * sizeof(REAL));
+                    add_forward(u, p->weights[n], current[n - 1], active, width, sizes[n - 1], p->scale);
+                }
+                if (n < last)
+                    add_top_down(u, p->top_down[n], current[n + 1], active, width, sizes[n + 1], p->scale);
+                const int nudged = n == last && nudged_phase;
+                if (nudged && p->classes)
+                    add_softmax_nudge(u, current[n], target, beta, active, width, p->classes, p->w_out, p->b_out,
+                                      p->scale, scores);
+                else if (nudged && p->nudge_inside)
+                    add_nudge(u, current[n], target, beta, active, width, p->scale);
+                /* row by row: a sample's result must not depend on which rows share its slice */
+                for (int64_t b = 0; b < active; b++) activate(u + b * width, width, p->core);
+                if (nudged && !p->classes && !p->nudge_inside)
+                    add_nudge(u, current[n], target, beta, active, width, (REAL)1);
             }
-            if (n < last)
-                add_top_down(u, p->top_down[n], read[n + 1], batch, width, sizes[n + 1], p->scale);
-            const int nudged = n == last && beta != NULL;
-            if (nudged && p->classes)
-                add_softmax_nudge(u, read[n], target, beta, batch, width, p->classes, p->w_out, p->b_out, p->scale,
-                                  pool + total);
-            else if (nudged && p->nudge_inside)
-                add_nudge(u, read[n], target, beta, batch, width, p->scale);
-            /* row by row: a sample's result must not depend on which rows share its slice */
-            for (int64_t b = 0; b < batch; b++) activate(u + b * width, width, p->core);
-            if (nudged && !p->classes && !p->nudge_inside)
-                add_nudge(u, read[n], target, beta, batch, width, (REAL)1);
+            for (int64_t n = half; n < layers; n += stride) {
+                if (check)
+                    for (int64_t b = 0; b < active; b++) {
+                        const REAL c = max_change(next[n] + b * sizes[n], current[n] + b * sizes[n], sizes[n]);
+                        change[b] = c > change[b] ? c : change[b];
+                    }
+                REAL *swap = current[n];
+                current[n] = next[n];
+                next[n] = swap;
+            }
         }
-        REAL **swap = current;
-        current = next;
-        next = swap;
+        if (!check)
+            continue;
+        for (int64_t b = 0; b < active;) {
+            if (t + 1 < p->steps && !(change[b] <= p->tol)) {
+                b++;
+                continue;
+            }
+            /* this sample stops here: out to its final rows, then the last running row takes its place */
+            for (int64_t n = 0; n < layers; n++)
+                memcpy(p->final[n] + row[b] * sizes[n], current[n] + b * sizes[n], (size_t)sizes[n] * sizeof(REAL));
+            if (p->residual) p->residual[row[b]] = change[b];
+            if (p->taken) p->taken[row[b]] = t + 1;
+            const int64_t end = --active;
+            if (b == end)
+                continue;
+            for (int64_t n = 0; n < layers; n++) swap_rows(current[n], b, end, sizes[n]);
+            swap_rows(drive, b, end, sizes[0]);
+            if (nudged_phase) {
+                swap_rows(target, b, end, target_width);
+                swap_rows(beta, b, end, 1);
+            }
+            const int64_t r = row[b];
+            row[b] = row[end];
+            row[end] = r;
+            const REAL c = change[b];
+            change[b] = change[end];
+            change[end] = c;
+        }
     }
+    if (p->steps == 0)   /* no step: the initial state is final */
+        for (int64_t b = 0; b < rows; b++) {
+            for (int64_t n = 0; n < layers; n++)
+                memcpy(p->final[n] + row[b] * sizes[n], current[n] + b * sizes[n], (size_t)sizes[n] * sizeof(REAL));
+            if (p->residual) p->residual[row[b]] = 0;
+            if (p->taken) p->taken[row[b]] = 0;
+        }
     free(pool);
-    free(initial);
+    free(change);
+    free(row);
     free(buffers);
     p->status = 0;
 }
@@ -609,6 +710,12 @@ static int64_t slices(int64_t rows, int64_t least, int64_t threads) {
  *                  and b_out [classes]
  *   initial[n]     [batch, sizes[n]]: the starting state
  *   final[n]       [batch, sizes[n]]: receives the state after the last step (not initial's memory)
+ *   alternating    0: synchronous steps; 1: alternating sweeps (even layers, then odd layers)
+ *   tol            > 0: a sample stops at the first check where its residual is at most tol;
+ *                  0: every sample runs `steps` steps
+ *   check_every    steps between checks (>= 1); the last step is always measured
+ *   residual       [batch], or NULL: receives each sample's residual at its last step
+ *   taken          [batch] int64, or NULL: receives each sample's steps
  *
  * The batch is cut into `threads` slices of rows (at most MAX_THREADS, at least
  * MIN_ROWS rows each): the calling thread runs the first, the workers the
@@ -623,13 +730,15 @@ int eqprop_mlp_phase(int64_t layers, const int64_t *sizes, const REAL *const *we
                      const REAL *const *top_down, const REAL *const *offsets, double scale,
                      int64_t core, const REAL *beta, const REAL *target, int64_t nudge_inside,
                      int64_t classes, const REAL *w_out, const REAL *b_out, const REAL *const *initial,
-                     REAL *const *final, int64_t batch, int64_t steps, int64_t threads) {
+                     REAL *const *final, int64_t batch, int64_t steps, int64_t alternating, double tol,
+                     int64_t check_every, REAL *residual, int64_t *taken, int64_t threads) {
+    if (check_every < 1) check_every = 1;
     Phase phases[MAX_THREADS];
     const int64_t count = slices(batch, MIN_ROWS, threads);
     for (int64_t i = 0; i < count; i++)
         phases[i] = (Phase){layers, sizes, weights, top_down, offsets, (REAL)scale, core, beta, target,
-                            nudge_inside, classes, w_out, b_out, initial, final, steps, batch * i / count,
-                            batch * (i + 1) / count, 0};
+                            nudge_inside, classes, w_out, b_out, initial, final, steps, alternating, tol,
+                            check_every, residual, taken, batch * i / count, batch * (i + 1) / count, 0};
     run_parallel(run_rows, phases, sizeof(Phase), count);
     int status = 0;
     for (int64_t i = 0; i < count; i++) status |= phases[i].status;

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..dynamics import run_phase
+from ..dynamics import run_alternating, run_phase
 from ..heads import SoftmaxReadout, SquaredError
 from ..models.base import Clamped, EnergyModel, State, is_free
 from ..models.mlp import MLPClamped, PMLP
@@ -35,9 +35,10 @@ MAX_THREADS = 64
 
 
 def kernel_runs_model(model: EnergyModel) -> bool:
-    """Whether the kernel implements this model's step (the tensors are checked at each phase)."""
-    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model.head) in _HEADS
-            and model.activation.kernel_core in _CORES)
+    """Whether the kernel implements this model's step and half-step (the tensors are checked at
+    each phase)."""
+    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model).half_step is PMLP.half_step
+            and type(model.head) in _HEADS and model.activation.kernel_core in _CORES)
 
 
 def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
@@ -54,7 +55,8 @@ def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:
 
 
 class KernelPhases:
-    """Run phases with the C kernel where it applies, else with :func:`~eqprop.dynamics.run_phase`.
+    """Run phases with the C kernel where it applies, else with :func:`~eqprop.dynamics.run_phase`
+    (or :func:`~eqprop.dynamics.run_alternating` for alternating sweeps).
 
     Args:
         threads: threads that share a batch (each takes at least 4 samples, 64 at most);
@@ -62,9 +64,15 @@ class KernelPhases:
             between phases (yielding to anything else runnable), so PyTorch's own thread
             pool is best kept to one thread beside them: two pools spinning on the same
             cores slow each other down.
+        sweep: ``"synchronous"`` steps (the papers' dynamics) or ``"alternating"`` sweeps
+            (even layers, then odd layers; :meth:`PMLP.half_step <eqprop.models.mlp.PMLP.half_step>`).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, sweep: str = "synchronous") -> None:
+        if sweep not in ("synchronous", "alternating"):
+            raise ValueError(f"sweep must be synchronous or alternating, got {sweep!r}")
+        self.sweep = sweep
+        self._eager = run_phase if sweep == "synchronous" else run_alternating
         self.threads = min(threads or available_cores(), MAX_THREADS)
         #: why the kernel could not be built, per floating type (those phases run in PyTorch)
         self.unavailable: dict[torch.dtype, str] = {}
@@ -73,13 +81,25 @@ class KernelPhases:
 
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
-        if kernel_applies(model, clamped, state):
-            kernel = self.kernel_for(state[0].dtype)
-            if kernel is not None:
-                result = self._run(kernel, model, clamped, state, steps, beta, target)
-                if result is not None:
-                    return result
-        return run_phase(model, clamped, state, steps, beta, target)
+        result = self.run_until(model, clamped, state, steps, beta, target)
+        if result is not None:
+            return result[0]
+        return self._eager(model, clamped, state, steps, beta, target)
+
+    def run_until(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
+                  beta: float | Tensor = 0.0, target: Tensor | None = None, tol: float = 0.0,
+                  check_every: int = 1) -> tuple[State, Tensor, Tensor] | None:
+        """At most ``steps`` steps in one kernel call, each sample stopping at the first check
+        (every ``check_every`` steps) where its residual is at most ``tol`` (``tol`` 0: every
+        sample runs ``steps`` steps). Returns the final state, each sample's residual at its
+        last step and its steps (``[B]`` CPU tensors), or None where the kernel does not apply
+        (the caller then runs the phase in PyTorch)."""
+        if not kernel_applies(model, clamped, state):
+            return None
+        kernel = self.kernel_for(state[0].dtype)
+        if kernel is None:
+            return None
+        return self._run(kernel, model, clamped, state, steps, beta, target, tol, check_every)
 
     def prepare(self, model: EnergyModel) -> None:
         """Build the kernel now if it will run this model's phases (so that the first epoch's
@@ -101,7 +121,8 @@ class KernelPhases:
             return None
 
     def _run(self, kernel: Kernel, model: PMLP, clamped: MLPClamped, state: State, steps: int,
-             beta: float | Tensor, target: Tensor | None) -> State | None:
+             beta: float | Tensor, target: Tensor | None, tol: float = 0.0,
+             check_every: int = 1) -> tuple[State, Tensor, Tensor] | None:
         """The phase by the kernel, or None where β or the target are not what it takes (another
         shape or device: PyTorch's step then decides what they mean)."""
         batch, dtype = state[0].shape[0], state[0].dtype
@@ -122,6 +143,8 @@ class KernelPhases:
         _check_shapes(sizes, batch, offsets, weights, top_down)
         initial = [s.contiguous() for s in state]
         final = [torch.empty(batch, n, dtype=dtype) for n in sizes]
+        residual = torch.empty(batch, dtype=dtype)
+        taken = torch.empty(batch, dtype=torch.int64)
         status = kernel.phase(len(sizes), _array(ctypes.c_int64, sizes), _pointers(weights),
                               _pointers(top_down + [None]), _pointers(offsets), model.activation.scale,
                               _CORES[model.activation.kernel_core], None if betas is None else betas.data_ptr(),
@@ -129,9 +152,11 @@ class KernelPhases:
                               0 if readout is None else head.classes,
                               None if readout is None else readout_weight.data_ptr(),
                               None if readout is None else readout.bias.data_ptr(),
-                              _pointers(initial), _pointers(final), batch, max(steps, 0), self.threads)
+                              _pointers(initial), _pointers(final), batch, max(steps, 0),
+                              int(self.sweep == "alternating"), float(tol), max(int(check_every), 1),
+                              residual.data_ptr(), taken.data_ptr(), self.threads)
         check_status(status)
-        return final
+        return final, residual, taken
 
 
 def available_cores() -> int:

@@ -24,10 +24,10 @@ class Phases:
     """How long each phase may run, how hard the nudged phases pull, and how each phase is solved.
 
     ``t1`` and ``t2`` are the papers' step counts; with a solver that stops at a
-    tolerance they are the caps. ``solver`` runs the free phase (None: the
-    ``fixed`` solver, the papers' plain T steps); ``nudged_solver`` runs the nudged
-    phases (None: the same solver as the free phase). Continual estimators move the
-    weights at every nudged step, so their nudged phase always runs its T2 steps.
+    tolerance they are the caps. ``solver`` runs the free phase and
+    ``nudged_solver`` the nudged phases (None: the ``fixed`` solver, the papers'
+    plain T steps). Continual estimators move the weights at every nudged step,
+    so their nudged phase always runs its T2 steps.
     """
 
     t1: int          # free-phase steps (the cap)
@@ -42,7 +42,7 @@ class Phases:
 
     def nudge_solver(self) -> Solver:
         """The nudged phases' solver."""
-        return self.nudged_solver if self.nudged_solver is not None else self.free_solver()
+        return self.nudged_solver if self.nudged_solver is not None else _FIXED
 
 
 @dataclass

@@ -56,8 +56,9 @@ class Solver(ABC):
     """Base class of the solvers: the runner of steps, and the call that returns ``(state, stats)``."""
 
     name: ClassVar[str]
-    #: the sweep whose runner it needs (a backend gives its fastest runner of that sweep)
-    sweep: ClassVar[Sweep] = "synchronous"
+    #: the sweep whose runner it needs (a backend gives its fastest runner of that sweep); a
+    #: solver whose sweep is an option sets it per instance before calling this constructor
+    sweep: Sweep = "synchronous"
     #: fields of the ``solver`` configuration section passed to the constructor as keywords
     config_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -73,6 +74,17 @@ class Solver(ABC):
     def options(self) -> dict[str, object]:
         """The solver's settings, as recorded with a run (for messages and metadata)."""
         return {}
+
+    def run_in_one_call(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
+                        beta: float | Tensor, target: Tensor | None, tol: float,
+                        check_every: int) -> tuple[State, Tensor, Tensor] | None:
+        """The whole phase in one call of a runner that can stop samples at a tolerance itself
+        (a runner with ``run_until``: eqprop's C kernel), as ``(state, residual, steps per
+        sample)``; None where the runner has no such call or it does not apply to this phase."""
+        run_until = getattr(self.runner, "run_until", None)
+        if run_until is None:
+            return None
+        return run_until(model, clamped, state, steps, beta, target, tol, check_every)
 
     def plain_steps(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                     beta: float | Tensor, target: Tensor | None) -> tuple[State, Tensor]:
