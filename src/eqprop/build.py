@@ -10,6 +10,7 @@ check and the benchmarks all build theirs with it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
 from .models.products import DenseProducts
-from .solvers import Solver, solver_class
+from .solvers import Solver, WarmStart, solver_class
 from .models.cnn import PCNN
 from .models.vf import VFMLP
 from .models.vf_cnn import VFCNN
@@ -283,7 +284,8 @@ class Run:
     ``estimator`` solves its phases with ``solvers`` (free, nudged) on ``backend``;
     evaluation runs the free phase with the same free solver. ``optimizer``,
     ``scheduler`` and ``train_loader`` exist for training runs only, the loaders
-    for runs built with data. ``notes``: the
+    for runs built with data, ``warm_start`` for training runs with
+    ``solver.warm_start``. ``notes``: the
     one-line messages about how the run was built (e.g. a solver the backend
     cannot run, which then runs in PyTorch).
     """
@@ -300,6 +302,7 @@ class Run:
     train_loader: BatchLoader | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    warm_start: WarmStart | None = None
     notes: list[str] = field(default_factory=list)
 
     def evaluate(self) -> tuple[float, float, dict[str, Any]]:
@@ -336,6 +339,9 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     solvers, notes = build_solvers(config, backend, device)
     estimator = build_estimator_from(config, generators.estimator, solvers)
     check_estimator_fits_model(estimator, model)
+    if config.solver.warm_start and "start" not in inspect.signature(estimator.estimate).parameters:
+        raise ConfigError(f"solver.warm_start: estimator {estimator.name} takes no start state "
+                          "(its estimate has no start argument)")
     if config.train.compile:
         estimator.compile()
     run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes)
@@ -348,6 +354,8 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
             if training:
                 train_data, _ = load_split(config, "train", data_dir, download, config.data.train_subset)
                 run.train_loader = build_loader(config, train_data, True, device, generators.data)
+                if config.solver.warm_start:
+                    run.warm_start = WarmStart(len(train_data))
         except ValueError as error:
             if isinstance(error, ConfigError):
                 raise

@@ -174,6 +174,8 @@ class SolverConfig(Strict):
     sweep: Literal["synchronous", "alternating"] = Field(
         "synchronous", description="anderson: the map it accelerates, one synchronous step or one alternating "
                                    "sweep (even then odd layers)")
+    warm_start: bool = Field(False, description="training: a sample's free phase starts from its own steady state "
+                                                "of the last epoch (kept in float16 on the run's device)")
 
     @model_validator(mode="after")
     def _check(self) -> "SolverConfig":

@@ -96,6 +96,12 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield one epoch of ``(x, y)``: x of ``dtype`` on the device, y int64 on the device."""
+        for x, y, _ in self.with_indices():
+            yield x, y
+
+    def with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield one epoch of ``(x, y, indices)``: as iterating does, with each sample's index in
+        the dataset (on the device), for what is kept per sample (a warm start's states)."""
         order = self._draw_order()
         crops = self._draw_augmentation() if self.augment else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
@@ -110,7 +116,7 @@ class BatchLoader:
                 x = crop_and_flip(x, offsets[positions], flips[positions], self.crop_padding)
             if self.flatten:
                 x = x.flatten(1)
-            yield x, self._y.index_select(0, indices)
+            yield x, self._y.index_select(0, indices), indices
 
     def _draw_order(self) -> torch.Tensor:
         """The epoch's visiting order: a permutation from the generator, or the identity."""

@@ -77,15 +77,18 @@ class Estimator(ABC):
         self.generator = generator
 
     @abstractmethod
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        """Run the phases on batch ``x`` with one-hot ``target`` and return ∇̂."""
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
+        """Run the phases on batch ``x`` with one-hot ``target`` and return ∇̂. The free phase starts
+        from ``start`` (None: the model's initial state; a warm start gives each sample's last
+        steady state)."""
 
     def compile(self, **options: object) -> None:
         """Replace :meth:`estimate` by its ``torch.compile`` d version (phases traced into
         fused kernels; the first batch of each shape pays the compile time)."""
         self.estimate = torch.compile(self.estimate, **options)  # type: ignore[method-assign]
 
-    def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor, ascent: bool = False) -> Estimate:
+    def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor, ascent: bool = False,
+                   start: State | None = None) -> Estimate:
         """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter.
 
         With ``ascent``, ``p.grad = ∇̂`` instead, for an optimizer built with
@@ -93,7 +96,7 @@ class Estimator(ABC):
         over every gradient (where its layout fits the parameter, ``p.grad`` is
         the direction tensor itself).
         """
-        result = self.estimate(model, x, target)
+        result = self.estimate(model, x, target) if start is None else self.estimate(model, x, target, start)
         for p, d in zip(model.trainable_parameters(), result.direction):
             if ascent and d.dtype == p.dtype and d.shape == p.shape and d.stride() == p.stride():
                 p.grad = d  # nothing to copy
@@ -110,7 +113,7 @@ class Estimator(ABC):
         return result
 
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,
-                   optimizer: torch.optim.Optimizer) -> Estimate:
+                   optimizer: torch.optim.Optimizer, start: State | None = None) -> Estimate:
         """One training step on a batch: fill the gradients, let ``optimizer`` apply them.
 
         An optimizer whose every group has ``maximize=True`` (the trainer builds
@@ -119,14 +122,16 @@ class Estimator(ABC):
         (continual EP) override this and use the optimizer's per-layer rates.
         """
         ascent = all(group.get("maximize", False) for group in optimizer.param_groups)
-        result = self.fill_grads(model, x, target, ascent)
+        result = self.fill_grads(model, x, target, ascent, start)
         optimizer.step()
         return result
 
     # -- the phases shared by the EP estimators --------------------------------
-    def free_phase(self, model: EnergyModel, clamped: Clamped) -> tuple[State, SolverStats]:
-        """The free phase from the model's initial state: at most T1 steps at β = 0."""
-        return self.phases.free_solver()(model, clamped, model.init_state(clamped.x), self.phases.t1)
+    def free_phase(self, model: EnergyModel, clamped: Clamped,
+                   start: State | None = None) -> tuple[State, SolverStats]:
+        """The free phase from ``start`` (None: the model's initial state): at most T1 steps at β = 0."""
+        start = model.init_state(clamped.x) if start is None else start
+        return self.phases.free_solver()(model, clamped, start, self.phases.t1)
 
     def nudged_phase(self, model: EnergyModel, clamped: Clamped, free: State, beta: float,
                      target: Tensor) -> tuple[State, SolverStats]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..dynamics import run_phase
-from ..models.base import EnergyModel
+from ..models.base import EnergyModel, State
 from .base import Estimate, Estimator, Phases, register
 
 
@@ -33,13 +33,13 @@ class BPTT(Estimator):
             bptt_steps = phases.t1
         self.steps = min(phases.t2 if bptt_steps is None else int(bptt_steps), phases.t1)
 
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
         params = model.trainable_parameters()
         with torch.enable_grad():
             clamped = model.clamp(x)  # once per batch: a dropout mask stays the same for all steps
             with torch.no_grad():  # the untracked part of the free phase, by the run's solver
-                state, stats = self.phases.free_solver()(model, clamped, model.init_state(x),
-                                                         self.phases.t1 - self.steps)
+                state, stats = self.phases.free_solver()(model, clamped, model.init_state(x) if start is None
+                                                         else start, self.phases.t1 - self.steps)
             state = run_phase(model, clamped, state, self.steps)
             loss = model.head.loss(state[-1], target).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)

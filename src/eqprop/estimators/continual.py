@@ -300,16 +300,17 @@ class ContinualEP(Estimator):
             raise TypeError(f"{self.name} needs a vector-field model (with vector_field_grads); "
                             f"{type(model).__name__} has none")
 
-    def _run(self, model: EnergyModel, x: Tensor, target: Tensor, lrs: list[float]) -> Estimate:
+    def _run(self, model: EnergyModel, x: Tensor, target: Tensor, lrs: list[float],
+             start: State | None = None) -> Estimate:
         self.check_model(model)
         clamped = model.clamp(x)
-        free, free_stats = self.free_phase(model, clamped)
+        free, free_stats = self.free_phase(model, clamped, start)
         result = continual_nudged_phase(model, clamped, free, self.beta(), target, self.phases.t2, lrs,
                                         self.rule, telescope=self.telescope_first_layer)
         return Estimate(result.direction, free, free_stats, SolverStats(self.phases.t2, None))
 
     @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor,
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None,
                  lr: float | Sequence[float] | None = None) -> Estimate:
         """Total update divided by η of one continual phase, leaving the model unchanged (module doc)."""
         if lr is not None:
@@ -321,18 +322,18 @@ class ContinualEP(Estimator):
         params = model.trainable_parameters()
         saved = [p.detach().clone() for p in params] if any(lrs) else []
         try:
-            return self._run(model, x, target, lrs)
+            return self._run(model, x, target, lrs, start)
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)
 
     @torch.no_grad()
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,
-                   optimizer: torch.optim.Optimizer) -> Estimate:
+                   optimizer: torch.optim.Optimizer, start: State | None = None) -> Estimate:
         """Move the weights during the nudged phase with the optimizer's per-group rates (no ``step()``)."""
         lrs = optimizer_learning_rates(model, optimizer)
         self._last_lrs = lrs
-        return self._run(model, x, target, lrs)
+        return self._run(model, x, target, lrs, start)
 
 
 @register("c_vf")

@@ -64,8 +64,8 @@ class KPVF(SymmetricVF):
         self.leak = float(leak)
 
     @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
-        result = super().estimate(model, x, target)
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
+        result = super().estimate(model, x, target, start)
         direction = result.direction
         position = {id(p): i for i, p in enumerate(model.trainable_parameters())}
         if isinstance(model, VectorFieldModel):

@@ -17,9 +17,9 @@ class OneSidedEP(Estimator):
         return self.phases.beta
 
     @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
         clamped = model.clamp(x)
-        free, free_stats = self.free_phase(model, clamped)
+        free, free_stats = self.free_phase(model, clamped, start)
         beta = self.beta()
         nudged, nudged_stats = self.nudged_phase(model, clamped, free, beta, target)
         return Estimate(self.direction(model, clamped, target, free, nudged, beta), free, free_stats, nudged_stats)

@@ -17,9 +17,9 @@ class SymmetricEP(Estimator):
     """Free phase, then +β and -β nudged phases, each from s*."""
 
     @torch.no_grad()
-    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor) -> Estimate:
+    def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
         clamped = model.clamp(x)
-        free, free_stats = self.free_phase(model, clamped)
+        free, free_stats = self.free_phase(model, clamped, start)
         plus, minus, nudged_stats = self.symmetric_phases(model, clamped, free, target)
         return Estimate(self.direction(model, clamped, target, plus, minus), free, free_stats, nudged_stats)
 

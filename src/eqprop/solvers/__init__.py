@@ -10,6 +10,7 @@ from .anderson import Anderson
 from .base import SOLVERS, Solver, SolverStats, Sweep, build_solver, register_solver, solver_class, state_change
 from .fixed import FixedSteps
 from .tolerance import Alternating, Tolerance
+from .warm_start import WarmStart
 
 __all__ = ["Alternating", "Anderson", "FixedSteps", "SOLVERS", "Solver", "SolverStats", "Sweep", "Tolerance",
-           "build_solver", "register_solver", "solver_class", "state_change"]
+           "WarmStart", "build_solver", "register_solver", "solver_class", "state_change"]

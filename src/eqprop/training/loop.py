@@ -21,7 +21,7 @@ from ..data import BatchLoader
 from ..estimators import Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
-from ..solvers import Solver, SolverStats, build_solver
+from ..solvers import Solver, SolverStats, WarmStart, build_solver
 
 
 class DivergenceError(RuntimeError):
@@ -132,8 +132,12 @@ def one_hot_rows(classes: int, dtype: torch.dtype, device: torch.device) -> torc
 def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim.Optimizer,
                 loader: BatchLoader, epoch: int, refresh_every: int = 50,
                 show_progress: bool = False, angle_every: int | None = None,
-                angle_bptt_steps: int | str | None = None, bf16_autocast: bool = False) -> EpochStats:
+                angle_bptt_steps: int | str | None = None, bf16_autocast: bool = False,
+                warm_start: WarmStart | None = None) -> EpochStats:
     """Estimate, check and apply the gradient of every batch of ``loader`` once.
+
+    With ``warm_start``, each sample's free phase starts from its steady state of
+    the last epoch, and this epoch's steady states are kept for the next.
 
     With ``angle_every``, every that many batches the angle between the
     estimate and BPTT's gradient on the batch (before the update) is measured
@@ -149,12 +153,18 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=not show_progress, dynamic_ncols=True)
     with bar:
-        for i, (x, y) in enumerate(loader, start=1):
+        batches = loader.with_indices() if warm_start is not None else ((x, y, None) for x, y in loader)
+        for i, (x, y, indices) in enumerate(batches, start=1):
             target = targets[y]
             if angle_every and (i - 1) % angle_every == 0:
                 angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
+            initial = warm_start.start(model, x, indices) if warm_start is not None else None
             with torch.autocast(loader.device.type, torch.bfloat16, enabled=bf16_autocast):
-                result = estimator.train_step(model, x, target, optimizer)
+                # the start only where there is one: an estimator of a user may not take it
+                result = estimator.train_step(model, x, target, optimizer,
+                                              **({} if initial is None else {"start": initial}))
+            if warm_start is not None:
+                warm_start.keep(indices, result.free_state)
             free_totals.add(result.free_stats)
             nudged_totals.add(result.nudged_stats)
             with torch.no_grad():

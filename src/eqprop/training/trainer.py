@@ -22,12 +22,14 @@ from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..build import Generators
+from ..solvers import WarmStart
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
 
 CHECKPOINT = "checkpoint.pt"
+WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
 BEST_CHECKPOINT = "best.pt"  # the epoch of lowest test error so far (a later collapse keeps it)
 METRICS = "metrics.jsonl"
 
@@ -71,12 +73,14 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         records = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] < first_epoch]
         write_metrics(out_dir / METRICS, records)
         log(f"resuming {out_dir} after epoch {first_epoch - 1}")
+        if run.warm_start is not None:
+            _restore_warm_start(run.warm_start, out_dir / WARM_START, first_epoch - 1, device, log)
     atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
 
     for epoch in range(first_epoch, config.train.epochs + 1):
         stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
                             angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
-                            bf16_autocast=config.train.bf16_autocast)
+                            bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start)
         with warnings.catch_warnings():
             if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -90,6 +94,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
                   **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
         if stats.gradient_angles:
             record["gradient_angles"] = stats.gradient_angles
+        if run.warm_start is not None:
+            record["warm_start_bytes"] = run.warm_start.bytes
         payload = {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "generators": generators.state(), "device": device.type,
@@ -97,6 +103,8 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         # metrics, then the best, then the checkpoint: a crash in between leaves files that
         # resume redoes identically (it drops metrics lines after the checkpoint's epoch)
         append_metrics(out_dir / METRICS, record)
+        if run.warm_start is not None:  # before the checkpoint: resume then finds the states of its epoch
+            save_checkpoint(out_dir / WARM_START, {"epoch": epoch, "warm_start": run.warm_start.state_dict()})
         if all(test_error < r["test_error"] for r in records):
             save_checkpoint(out_dir / BEST_CHECKPOINT, payload)
         save_checkpoint(checkpoint_path, payload)
@@ -153,6 +161,23 @@ def _check_resumable(checkpoint: dict[str, Any], config: RunConfig, path: Path) 
             changed = sorted(k for k in now if stored[section].get(k) != now[k])
             raise CheckpointError(f"checkpoint {path} was trained with other {section} settings "
                                   f"({', '.join(f'{section}.{k}' for k in changed)}); resume keeps them")
+
+
+def _restore_warm_start(warm_start: WarmStart, path: Path, epoch: int, device: torch.device,
+                        log: Callable[[str], None]) -> None:
+    """The warm-start states saved with epoch ``epoch``; without them (a file missing, of another
+    epoch or damaged) the samples start cold again, which the run says."""
+    try:
+        saved = load_checkpoint(path)
+        if saved.get("epoch") != epoch:
+            raise CheckpointError(f"{path} holds the states of epoch {saved.get('epoch')}, not {epoch}")
+        state = dict(saved["warm_start"])
+        state["layers"] = [t.to(device) for t in state["layers"]]
+        state["seen"] = state["seen"].to(device) if state["seen"] is not None else None
+        warm_start.load_state_dict(state)
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as error:
+        log(f"warm start: the saved states cannot be used ({str(error).splitlines()[0]}); every sample starts "
+            "cold again")
 
 
 def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
