@@ -367,3 +367,18 @@ def test_dropout_ep_approaches_bptt_of_the_masked_network():
         est = build_estimator(name, Phases(T_LONG, T_LONG, 0.001)).estimate(model, x, target)
         errors[name] = float((flat(est) - bptt).norm() / bptt.norm())
     assert errors["symmetric"] < 1e-5 and errors["symmetric"] < 0.1 * errors["one_sided"], errors
+
+
+def test_the_readouts_nudge_reads_the_mask_of_its_clamped_input():
+    """A step uses the dropout mask of the clamped input it is given, not the model's latest one
+    (what lets a CUDA graph replay each batch with its own mask)."""
+    model, x, target = small_convnet("ce", [10], dropout=0.3)
+    model.dropout_generator = torch.Generator().manual_seed(3)
+    clamped = model.clamp(x)
+    state = [torch.rand_like(s) for s in model.init_state(x)]
+    expected = model.step(clamped, state, 0.2, target)
+    later = model.clamp(x)               # another batch's mask is now the model's
+    assert not torch.equal(later.mask, clamped.mask)
+    got = model.step(clamped, state, 0.2, target)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert model.head.mask is later.mask  # and the model's own is left as it was

@@ -17,8 +17,8 @@ the next replay. A model's step must therefore read nothing but its
 parameters, the clamped input, the state, β and the target, and use no
 autograd; a model says so with
 :meth:`~eqprop.models.base.EnergyModel.supports_cuda_graphs`. The built-in
-models do, except a P-CNN with dropout in training mode (its softmax readout
-reads the batch's mask from the model); a model defined by Φ alone does not.
+models do (a P-CNN's dropout mask is a field of its clamped input); a model
+defined by Φ alone does not.
 Phases of a model that does not are run eagerly.
 
 One graph is captured per distinct (model, parameter addresses, steps, β,

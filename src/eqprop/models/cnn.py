@@ -41,8 +41,10 @@ dropped units still follow their bottom-up input and feed back into layer L-1,
 but nothing above sees them. Everything stays the gradient of one
 ``Φ_β = Φ - βℓ``: ``∂Φ_β/∂s^L`` gets ``m ⊙`` the fc/readout terms. The mask
 of the latest :meth:`clamp` is kept in ``Clamped.mask`` (used by the closed
-forms) and in ``model.dropout_mask`` (used by :meth:`phi` and the readout,
-which do not receive the ``Clamped``); both are ignored in eval mode.
+forms, and by the readout's nudge inside :meth:`step`, so the mask travels
+with the clamped input and a CUDA graph replays with its own batch's mask)
+and in ``model.dropout_mask`` (used by :meth:`phi` and by the readout outside
+the phases); both are ignored in eval mode.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 from ..activations import get_activation
 from ..heads import SoftmaxReadout, make_head
 from ..initialization import init_linear_
-from .base import Clamped, EnergyModel, State
+from .base import Clamped, EnergyModel, State, is_free
 
 
 @dataclass
@@ -237,9 +239,23 @@ class PCNN(EnergyModel):
 
     # -- dynamics ------------------------------------------------------------------
     def supports_cuda_graphs(self) -> bool:
-        # with dropout in training, the softmax readout reads the batch's mask from the model
-        # (``head.mask``), not from the clamped input: a replay would use a stale mask
-        return not (self.training and self.dropout_mask is not None)
+        # the dropout mask travels with the clamped input, which a graph copies in before each replay
+        return True
+
+    def step(self, clamped: Clamped, state: State, beta: float | Tensor = 0.0,
+             target: Tensor | None = None) -> State:
+        """The base class's step; a softmax readout reading the last conv state takes the dropout
+        mask of ``clamped`` for its nudge (not the model's latest one): the mask travels with the
+        clamped input, so a replayed CUDA graph reads the mask of its own batch."""
+        head = self.head
+        if not isinstance(head, MaskedSoftmaxReadout) or is_free(beta):
+            return super().step(clamped, state, beta, target)
+        latest = head.mask
+        head.mask = clamped.mask if isinstance(clamped, ConvClamped) else None
+        try:
+            return super().step(clamped, state, beta, target)
+        finally:
+            head.mask = latest
 
     def clamp(self, x: Tensor) -> ConvClamped:
         first = self.convs[0]
