@@ -4,7 +4,9 @@ For each preset's network (freshly initialised, then after ``--train-batches``
 training batches of the preset itself, with its own fixed-step settings, on
 the real data), on one batch of test images and for each solver:
 
-- the steps (evaluations of the model's map) to bring every sample's residual
+- for ``tolerance``, ``alternating``, ``anderson`` and ``anderson-alt``
+  (Anderson accelerating alternating sweeps), checking at every step,
+  the steps (evaluations of the model's map) to bring every sample's residual
   (max-norm change in one step) to each tolerance of ``--tols``, capped at
   ``--cap`` (a solver that hits the cap says so);
 - the wall time of a whole free phase at each tolerance (median of ``--repeats``);
@@ -38,7 +40,9 @@ from eqprop.config import RunConfig, validate_config
 from eqprop.presets import load_preset
 from eqprop.solvers import build_solver, state_change
 
-SOLVERS = ("tolerance", "alternating", "anderson")
+#: the solvers compared, with their options (Anderson of synchronous steps and of alternating sweeps)
+SOLVERS = {"tolerance": {}, "alternating": {}, "anderson": {}, "anderson-alt": {"sweep": "alternating"}}
+
 
 
 def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -57,14 +61,21 @@ def measure(run: build.Run, x: torch.Tensor, target: torch.Tensor, args: argpars
         clamped = model.clamp(x)
         start = model.init_state(x)
         reference, _ = build_solver("fixed", runner)(model, clamped, start, args.reference_factor * t1)
-        paper, paper_stats = build_solver("fixed", runner)(model, clamped, start, t1)
+        times = []
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            paper, paper_stats = build_solver("fixed", runner)(model, clamped, start, t1)
+            float(paper_stats.residual.max())
+            times.append(time.perf_counter() - began)
         result["fixed_at_t1"] = {"steps": t1, "residual": float(paper_stats.residual.max()),
-                                 "distance": distance(paper, reference)}
-        for name in SOLVERS:
-            runner_of = run.backend.runner(build.solver_class(name).sweep)
+                                 "distance": distance(paper, reference), "seconds": statistics.median(times),
+                                 "times": times}
+        for key, options in SOLVERS.items():
+            name = key.removesuffix("-alt")
+            runner_of = run.backend.runner(options.get("sweep", build.solver_class(name).sweep))
             rows = {}
             for tol in args.tols:
-                solver = build_solver(name, runner_of, tol=tol, check_every=1)
+                solver = build_solver(name, runner_of, tol=tol, check_every=1, **options)
                 times = []
                 for _ in range(args.repeats):
                     began = time.perf_counter()
@@ -75,8 +86,8 @@ def measure(run: build.Run, x: torch.Tensor, target: torch.Tensor, args: argpars
                                     "residual": float(stats.residual.max()),
                                     "distance": distance(state, reference),
                                     "fallbacks": int(stats.fallbacks),
-                                    "seconds": statistics.median(times)}
-            result[name] = rows
+                                    "seconds": statistics.median(times), "times": times}
+            result[key] = rows
         nudged, nudged_stats = build_solver("fixed", runner)(model, clamped, reference, t2, beta, target)
         settle = build_solver("tolerance", runner, tol=min(args.tols), check_every=1)
         _, settle_stats = settle(model, clamped, reference, args.cap, beta, target)
@@ -124,7 +135,8 @@ def bench_preset(name: str, args: argparse.Namespace) -> dict:
 
 def report(name: str, label: str, result: dict, config: RunConfig) -> None:
     fixed, nudged = result["fixed_at_t1"], result["nudged"]
-    print(f"\n{name} ({label}): fixed T1={fixed['steps']}: residual {fixed['residual']:.1e}, distance to the "
+    print(f"\n{name} ({label}): fixed T1={fixed['steps']}: {1e3 * fixed['seconds']:.1f} ms, residual "
+          f"{fixed['residual']:.1e}, distance to the "
           f"steady state {fixed['distance']:.1e}; nudged phase: residual {nudged['residual_at_t2']:.1e} after "
           f"T2={config.dynamics.t2}, tolerance needs {nudged['tolerance_steps']} steps "
           f"({'converged' if nudged['converged'] else 'cap reached'}, {nudged['final_residual']:.1e})")

@@ -298,3 +298,16 @@ def test_an_estimator_that_cannot_train_the_model_fails_at_build_time():
         check_estimator_fits_model(build_estimator("symmetric", Phases(5, 2, 0.1)), vf)
     with pytest.raises(ConfigError, match="c_vf needs a vector-field model"):
         check_estimator_fits_model(build_estimator("c_vf", Phases(5, 2, 0.1)), mlp([6, 5, 3]))
+
+
+def test_anderson_keeps_a_channels_last_state_channels_last_and_solves_it():
+    model = MODELS["cnn"]().to(memory_format=torch.channels_last)
+    x, _ = batch(model)
+    clamped = model.clamp(x)
+    start = model.init_state(x)
+    assert start[0].is_contiguous(memory_format=torch.channels_last) and not start[0].is_contiguous()
+    with torch.no_grad():
+        reference = run_phase(model, clamped, start, 600)
+        state, stats = build_solver("anderson", tol=1e-8, check_every=1)(model, clamped, start, 600)
+    assert stats.converged and float(state_change(state, reference).max()) < 1e-6
+    assert state[0].is_contiguous(memory_format=torch.channels_last)

@@ -40,34 +40,40 @@ def _backward_options(config: MLPConfig | CNNConfig) -> dict[str, object]:
     return {"backward_init": config.backward_init, "backward_angle": config.backward_angle}
 
 
-def build_mlp(config: MLPConfig, generator: torch.Generator, products: DenseProducts | None = None) -> EnergyModel:
+def build_mlp(config: MLPConfig, generator: torch.Generator, products: DenseProducts | None = None,
+              dropout_generator: torch.Generator | None = None) -> EnergyModel:
     """A P-MLP, or its vector-field variant with ``backward: separate``; ``products``: the
-    backend's drive and gradient products (None: PyTorch's)."""
+    backend's drive and gradient products (None: PyTorch's). An MLP has no dropout."""
     cls = PMLP if config.backward == "tied" else VFMLP
     return cls(config.sizes, config.activation, config.loss, config.nudge == "inside",
                generator=generator, init_scale=config.init_scale, products=products, **_backward_options(config))
 
 
-def build_cnn(config: CNNConfig, generator: torch.Generator, products: DenseProducts | None = None) -> EnergyModel:
-    """A P-CNN, or its vector-field variant with ``backward: separate``."""
+def build_cnn(config: CNNConfig, generator: torch.Generator, products: DenseProducts | None = None,
+              dropout_generator: torch.Generator | None = None) -> EnergyModel:
+    """A P-CNN, or its vector-field variant with ``backward: separate``, drawing its dropout masks
+    from ``dropout_generator``. Its products are PyTorch's convolutions."""
     cls = PCNN if config.backward == "tied" else VFCNN
     return cls(config.input_shape, config.channels, config.kernels, config.strides, config.paddings,
                config.fc, activation=config.activation, loss=config.loss,
                nudge_inside=config.nudge == "inside", dropout=config.dropout,
-               generator=generator, init_scale=config.init_scale, **_backward_options(config))
+               generator=generator, init_scale=config.init_scale, dropout_generator=dropout_generator,
+               **_backward_options(config))
 
 
 #: model kinds by the ``model.kind`` of the configuration
 MODEL_BUILDERS: dict[str, Callable[..., EnergyModel]] = {"mlp": build_mlp, "cnn": build_cnn}
 
 
-def build_model(config: RunConfig, seed: int | None = None, backend: Backend | None = None) -> EnergyModel:
+def build_model(config: RunConfig, seed: int | None = None, backend: Backend | None = None,
+                dropout_generator: torch.Generator | None = None) -> EnergyModel:
     """The network of ``config``, initialised from the run's seed (CPU, float32 until moved),
-    computing its products with ``backend``'s where it has any."""
+    computing its products with ``backend``'s where it has any and drawing its dropout masks
+    from ``dropout_generator``."""
     generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
     products = backend.products if backend is not None else None
     try:
-        return MODEL_BUILDERS[config.model.kind](config.model, generator, products)
+        return MODEL_BUILDERS[config.model.kind](config.model, generator, products, dropout_generator)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from None
 
@@ -328,14 +334,12 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     test_data, root = (load_split(config, "test", data_dir, download, test_subset or config.data.test_subset)
                        if with_data else (None, None))
     backend = build_backend(config, device)
-    model = build_model(config, backend=backend)
+    generators = Generators.seeded(config.train.seed, device)
+    model = build_model(config, backend=backend, dropout_generator=generators.model)
     if test_data is not None:
         check_model_fits_data(config, model, test_data)
     model = place_model(model, config, device)
     backend.prepare(model)
-    generators = Generators.seeded(config.train.seed, device)
-    if hasattr(model, "dropout_generator"):
-        model.dropout_generator = generators.model
     solvers, notes = build_solvers(config, backend, device)
     estimator = build_estimator_from(config, generators.estimator, solvers)
     check_estimator_fits_model(estimator, model)

@@ -133,7 +133,7 @@ class PCNN(EnergyModel):
                  strides: Sequence[int], paddings: Sequence[int], fc: Sequence[int],
                  activation: str = "half_hard_sigmoid", loss: str = "ce", nudge_inside: bool = True,
                  dropout: float = 0.0, generator: torch.Generator | None = None,
-                 init_scale: float = 1.0) -> None:
+                 init_scale: float = 1.0, dropout_generator: torch.Generator | None = None) -> None:
         super().__init__()
         input_shape = [int(v) for v in input_shape]
         if len(input_shape) != 3 or min(input_shape) < 1:
@@ -174,7 +174,8 @@ class PCNN(EnergyModel):
         self.channels, self.kernels, self.strides, self.paddings = channels, kernels, strides, paddings
         self.fc, self.features = fc, features
         self.dropout = float(dropout)
-        self.dropout_generator: torch.Generator | None = None
+        #: draws the dropout masks (None: PyTorch's global generator)
+        self.dropout_generator = dropout_generator
         self.dropout_mask: Tensor | None = None
         self.activation = get_activation(activation)
 

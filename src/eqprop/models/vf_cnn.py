@@ -38,11 +38,12 @@ class VFCNN(VectorFieldModel, PCNN):
                  strides: Sequence[int], paddings: Sequence[int], fc: Sequence[int],
                  activation: str = "half_hard_sigmoid", loss: str = "ce", nudge_inside: bool = True,
                  dropout: float = 0.0, generator: torch.Generator | None = None, init_scale: float = 1.0,
-                 backward_init: str = "independent", backward_angle: float = 0.0) -> None:
+                 backward_init: str = "independent", backward_angle: float = 0.0,
+                 dropout_generator: torch.Generator | None = None) -> None:
         check_backward_options(backward_init, backward_angle)
         super().__init__(input_shape, channels, kernels, strides, paddings, fc, activation=activation,
                          loss=loss, nudge_inside=nudge_inside, dropout=dropout, generator=generator,
-                         init_scale=init_scale)
+                         init_scale=init_scale, dropout_generator=dropout_generator)
         n_conv = len(self.convs)
         spec = [("convs", n, False, n + 1) for n in range(1, n_conv)]
         spec += [("fcs", m, True, n_conv + m + 1) for m in range(len(self.fcs))]
