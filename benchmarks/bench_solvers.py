@@ -19,10 +19,12 @@ the real data), on one batch of test images and for each solver:
   residual after T2 plain steps and the steps ``tolerance`` needs, which says
   whether the nudged phase converges at all.
 
-Prints a table and writes JSON (``--json``). Example:
+Prints a table and writes JSON (``--json``); ``--render FILE... --tol T``
+prints the markdown table of saved results at one tolerance. Example:
 
     python benchmarks/bench_solvers.py --presets ep-1h ep-2h --data-dir ../shared/data \\
         --train-batches 300 --json benchmarks/results/cpu/solvers.json
+    python benchmarks/bench_solvers.py --render benchmarks/results/cpu/solvers.json --tol 1e-4
 """
 from __future__ import annotations
 
@@ -148,10 +150,38 @@ def report(name: str, label: str, result: dict, config: RunConfig) -> None:
                   f"{row['fallbacks']:>9}{flag}")
 
 
+def render(paths: list[str], tol: float) -> str:
+    """A markdown table of saved results: per preset and network, the fixed T1 phase, then each
+    solver at ``tol`` (steps, median and range of the phase's milliseconds, distance)."""
+    lines = ["| preset | network | phase | steps | ms (median, range) | max residual | distance to steady state |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    key = f"{tol:g}"
+    for path in paths:
+        saved = json.loads(open(path).read())
+        for entry in saved["presets"]:
+            stages = [("fresh", "fresh")] + ([("trained", f"after {entry['train_batches']} batches")]
+                                              if "trained" in entry else [])
+            for stage, network in stages:
+                result = entry[stage]
+                fixed = result["fixed_at_t1"]
+                rows = [("fixed, T1", fixed)] + [(f"{name}, tol {key}", result[name][key]) for name in SOLVERS
+                                                 if key in result[name]]
+                for label, row in rows:
+                    times = [1e3 * t for t in row["times"]]
+                    capped = "" if row.get("converged", True) else " (cap)"
+                    lines.append(f"| {entry['preset']} (batch {entry['batch']}) | {network} | {label} | "
+                                 f"{row['steps']}{capped} | {statistics.median(times):.1f} "
+                                 f"({min(times):.1f}-{max(times):.1f}) | {row['residual']:.1e} | "
+                                 f"{row['distance']:.1e} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="print the table of saved results and stop")
+    parser.add_argument("--tol", type=float, default=1e-4, help="with --render: the tolerance shown")
     parser.add_argument("--presets", nargs="+", default=["ep-1h", "ep-2h"])
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir")
     parser.add_argument("--batch", type=int, default=100, help="test images in the measured batch")
     parser.add_argument("--train-batches", type=int, default=0, help="train this many batches, then measure again")
     parser.add_argument("--train-batch-size", type=int, help="training batch size (default the preset's)")
@@ -163,6 +193,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="PyTorch's threads")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render, args.tol))
+        return
+    if not args.data_dir:
+        parser.error("--data-dir is needed to measure")
     torch.set_num_threads(args.threads)
     results = {"command": "python benchmarks/bench_solvers.py " + " ".join(__import__("sys").argv[1:]),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

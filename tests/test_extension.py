@@ -88,7 +88,7 @@ def test_only_closed_form_models_are_replayed_as_cuda_graphs():
     assert not user.supports_cuda_graphs()
     conv = PCNN((3, 8, 8), [4], [3], [1], [1], [3], dropout=0.5)
     conv.clamp(torch.rand(2, 3, 8, 8))               # training mode: draws the batch's mask
-    assert not conv.supports_cuda_graphs()           # the readout reads it from the model
+    assert conv.supports_cuda_graphs()               # which travels with the clamped input
     conv.eval()
     assert conv.supports_cuda_graphs()
     assert PCNN((3, 8, 8), [4], [3], [1], [1], [3]).supports_cuda_graphs()

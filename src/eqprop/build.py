@@ -15,11 +15,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
+from .cpu_kernels import kernel_runs_model
 from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .estimators import Estimator, Phases, estimator_class
@@ -213,25 +213,32 @@ def build_backend(config: RunConfig, device: torch.device) -> Backend:
     return Backend()
 
 
-def _solver_options(config: SolverConfig, name: str, device: torch.device) -> dict[str, object]:
-    """The ``solver`` section's options that solver ``name`` takes (``check_every`` resolved for
-    the device: a look at the residual is free on the CPU, a synchronisation on a GPU)."""
+#: ``solver.check_every`` where the configuration leaves it open: every step where the C kernel
+#: runs the phases (it looks at each sample's residual inside its own loop, at no cost), else every
+#: 10 steps (a look is a few passes over the state, and on a GPU a synchronisation)
+CHECK_EVERY_IN_KERNEL, CHECK_EVERY = 1, 10
+
+
+def _solver_options(config: SolverConfig, name: str, check_every: int) -> dict[str, object]:
+    """The ``solver`` section's options that solver ``name`` takes (``check_every`` given where
+    the configuration leaves it open)."""
     options = {key: getattr(config, key) for key in solver_class(name).config_fields}
     if "check_every" in options and options["check_every"] is None:
-        options["check_every"] = 1 if device.type == "cpu" else 10
+        options["check_every"] = check_every
     return options
 
 
 def build_solvers(config: RunConfig, backend: Backend,
-                  device: torch.device = torch.device("cpu")) -> tuple[tuple[Solver, Solver], list[str]]:
-    """The free and nudged phases' solvers on ``backend`` for ``device``, and one line for each
-    solver that the backend cannot run (it then runs in PyTorch)."""
+                  check_every: int = CHECK_EVERY) -> tuple[tuple[Solver, Solver], list[str]]:
+    """The free and nudged phases' solvers on ``backend``, and one line for each solver that the
+    backend cannot run (it then runs in PyTorch). ``check_every``: where the configuration leaves
+    it open."""
     section = config.solver
     notes: list[str] = []
     solvers = []
     for name in (section.name, section.nudged_name()):
         cls = solver_class(name)
-        options = _solver_options(section, name, device)
+        options = _solver_options(section, name, check_every)
         sweep = options.get("sweep", cls.sweep)
         if not backend.supports(sweep):
             note = (f"solver {name}: the {backend.name} backend runs synchronous steps only; "
@@ -311,11 +318,6 @@ class Run:
     warm_start: WarmStart | None = None
     notes: list[str] = field(default_factory=list)
 
-    def evaluate(self) -> tuple[float, float, dict[str, Any]]:
-        """Test loss, error rate and the free phase's solver statistics of the current model."""
-        from .training.loop import evaluate
-        return evaluate(self.model, self.test_loader, self.solvers[0], self.config.dynamics.t1)
-
 
 def load_split(config: RunConfig, split: str, data_dir: str | Path | None, download: bool,
                size: int | None) -> tuple[ArrayDataset, Path | None]:
@@ -340,7 +342,8 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
         check_model_fits_data(config, model, test_data)
     model = place_model(model, config, device)
     backend.prepare(model)
-    solvers, notes = build_solvers(config, backend, device)
+    in_kernel = isinstance(backend, CpuKernelBackend) and kernel_runs_model(model)
+    solvers, notes = build_solvers(config, backend, CHECK_EVERY_IN_KERNEL if in_kernel else CHECK_EVERY)
     estimator = build_estimator_from(config, generators.estimator, solvers)
     check_estimator_fits_model(estimator, model)
     if config.solver.warm_start and "start" not in inspect.signature(estimator.estimate).parameters:

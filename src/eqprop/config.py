@@ -165,8 +165,9 @@ class SolverConfig(Strict):
                                                  "estimators always run T2 nudged steps")
     tol: PositiveFloat = Field(1e-4, description="stop when every sample's max-norm change in one step is <= tol")
     check_every: PositiveInt | None = Field(
-        None, description="look at the residual every N steps (one host-device synchronisation per look; "
-                          "None: 1 on the CPU, where a look costs nothing, 10 on a GPU)")
+        None, description="look at the residual every N steps (one host-device synchronisation per look on "
+                          "a GPU; None: every step where the C kernel runs the phases, which looks at no "
+                          "cost, else every 10 steps)")
     memory: PositiveInt = Field(5, description="anderson: iterates kept per sample")
     regularization: NonNegativeFloat = Field(1e-8, description="anderson: λ relative to the mean squared residual")
     mixing: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="anderson: weight of the map values "

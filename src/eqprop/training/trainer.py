@@ -85,7 +85,7 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
             if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             scheduler.step()
-        test_loss, test_error, test_solver = run.evaluate()
+        test_loss, test_error, test_solver = evaluate(model, run.test_loader, run.solvers[0], config.dynamics.t1)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
                   "samples_per_second": stats.samples_per_second,
@@ -228,6 +228,6 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         run.model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
-    loss, error, solver = run.evaluate()
+    loss, error, solver = evaluate(run.model, run.test_loader, run.solvers[0], run.config.dynamics.t1)
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error,
             "samples": run.test_loader.num_examples, **solver}
