@@ -103,7 +103,7 @@ def relabelled(at: int, label: int) -> Callable[[bytes], bytes]:
     [
         (lambda content: content[:-1], f"is truncated ({FILE_BYTES - 1} bytes, expected {FILE_BYTES})"),
         (lambda content: content + b"\0", f"has {FILE_BYTES + 1} bytes (expected {FILE_BYTES})"),
-        (flipped(RECORD_BYTES * 123 + 456), "is corrupt (sha1 mismatch): delete it and run with --download"),
+        (flipped(RECORD_BYTES * 123 + 456), "is corrupt (sha1 mismatch): replace it with a good copy, or delete it and, with internet access, run with --download"),
         (relabelled(RECORD_BYTES * 7, 10), "has labels outside 0-9"),
     ],
     ids=["truncated", "too-long", "flipped-byte", "bad-label"],
@@ -126,7 +126,7 @@ def test_truncated_gzip_is_reported(tmp_path: Path, data_root: Path) -> None:
         load_dataset("cifar10", "test", tmp_path)
     assert str(caught.value) == (
         f"CIFAR-10 file {path} is not a valid gzip file (truncated or damaged): "
-        "delete it and run with --download"
+        "replace it with a good copy, or delete it and, with internet access, run with --download"
     )
 
 
@@ -144,5 +144,6 @@ def test_missing_training_batch_is_reported(tmp_path: Path, test_batch_content: 
         load_dataset("cifar10", "train", tmp_path)
     assert str(caught.value) == (
         f"CIFAR-10 file {tmp_path / 'cifar10' / 'data_batch_1.bin'}[.gz] is missing: "
-        "run with --download or point --data-dir at a folder holding cifar10/"
+        f"put the CIFAR-10 files in {tmp_path / 'cifar10'} (see the README's Data section), point --data-dir at "
+        "a data root holding cifar10/, or, with internet access, run with --download"
     )

@@ -105,7 +105,7 @@ def set_byte(at: int, value: int) -> Callable[[bytearray], bytearray]:
 @pytest.mark.parametrize(
     ("file", "edit", "expected"),
     [
-        ("t10k-images-idx3-ubyte", flip_byte(16 + 400), "is corrupt (md5 mismatch): delete it and run with"),
+        ("t10k-images-idx3-ubyte", flip_byte(16 + 400), "is corrupt (md5 mismatch): replace it with a good copy, or delete it and"),
         ("t10k-labels-idx1-ubyte", set_byte(3, 0x03), "bad magic number 0x00000803 (expected 0x00000801)"),
         ("t10k-images-idx3-ubyte", set_byte(7, 0x0F), "dimensions 9999x28x28 (expected 10000x28x28)"),
         ("t10k-images-idx3-ubyte", lambda content: content[:-100], "is truncated"),
@@ -138,7 +138,7 @@ def test_truncated_gzip_is_reported(tmp_path: Path, data_root: Path) -> None:
         load_dataset("mnist", "test", tmp_path)
     assert str(caught.value) == (
         f"MNIST file {folder / 't10k-images-idx3-ubyte.gz'} is not a valid gzip file (truncated or damaged): "
-        "delete it and run with --download"
+        "replace it with a good copy, or delete it and, with internet access, run with --download"
     )
 
 
@@ -149,7 +149,8 @@ def test_missing_file_is_reported(tmp_path: Path, data_root: Path) -> None:
         load_dataset("mnist", "test", tmp_path)
     assert str(caught.value) == (
         f"MNIST file {folder / 't10k-labels-idx1-ubyte'}[.gz] is missing: "
-        "run with --download or point --data-dir at a folder holding mnist/"
+        f"put the MNIST files in {folder} (see the README's Data section), point --data-dir at a data root "
+        "holding mnist/, or, with internet access, run with --download"
     )
 
 

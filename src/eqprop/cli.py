@@ -1,8 +1,9 @@
 """The ``eqprop`` command line: ``train``, ``presets``, ``eval``, ``gdu``.
 
 Exit status: 0 on success, 2 on a usage or configuration error, 1 on any
-other failure (data, checkpoint, divergence), 130 when interrupted. Errors are
-one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
+other failure (data, checkpoint, divergence, a run that does not learn, a run
+folder in use), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM).
+Errors are one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -85,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: by model kind)")
     gdu.add_argument("--lr", type=_positive_float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
     gdu.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    gdu.add_argument("--checkpoint", type=Path, help="check the weights of a training checkpoint")
+    gdu.add_argument("--checkpoint", type=Path, help="check the weights of a training checkpoint (a file, or a "
+                                                     "run folder: its latest checkpoint)")
     gdu.add_argument("--out", type=Path, help="output folder (default runs/gdu-NAME-TIMESTAMP)")
     _add_data_arguments(gdu)
 
     evaluate = commands.add_parser("eval", help="test error of a saved checkpoint")
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt of a run")
+    evaluate.add_argument("--checkpoint", type=Path, required=True,
+                          help="a checkpoint file (checkpoint.pt, best.pt), or a run folder: its checkpoint.pt")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test samples")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -136,14 +140,21 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from .training.trainer import CHECKPOINT, checkpoint_config, train
+    from .training.checkpoint import CheckpointError, load_checkpoint
+    from .training.trainer import CHECKPOINT, checkpoint_config, run_fingerprint, train
 
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise UsageError("--resume continues in its own folder; leave out --out")
-        stored = checkpoint_config(args.resume / CHECKPOINT).model_dump(mode="json")
+        path = args.resume / CHECKPOINT
+        checkpoint = load_checkpoint(path, run_fingerprint(args.resume))
+        stored = checkpoint_config(path, checkpoint).model_dump(mode="json")
         config = resolve_config(args, base=stored)
         out_dir = args.resume
+        if int(checkpoint["epoch"]) >= config.train.epochs:
+            print(f"eqprop train: {out_dir} is finished: epoch {checkpoint['epoch']} of {config.train.epochs} "
+                  "is done (train it further with --epochs N)")
+            return 0
     else:
         config = resolve_config(args)
         out_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -159,12 +170,18 @@ def command_train(args: argparse.Namespace) -> int:
                     raise KeyboardInterrupt from None
                 raise
     except KeyboardInterrupt:
-        if (out_dir / CHECKPOINT).exists():
-            print(f"eqprop: interrupted; the last completed epoch is saved: continue with "
-                  f"'eqprop train --resume {out_dir}'", file=sys.stderr)
+        how = "terminated" if interrupt.signal == signal.SIGTERM else "interrupted"
+        try:
+            saved = int(load_checkpoint(out_dir / CHECKPOINT)["epoch"])
+        except CheckpointError:
+            saved = None
+        if saved is not None:
+            print(f"eqprop: {how}; the epoch in progress is abandoned and epoch {saved} is saved in "
+                  f"{out_dir / CHECKPOINT}: continue with 'eqprop train --resume {shlex.quote(str(out_dir))}'",
+                  file=sys.stderr)
         else:
-            print("eqprop: interrupted before the first epoch ended; nothing was saved", file=sys.stderr)
-        return 130
+            print(f"eqprop: {how} before the first epoch ended; nothing was saved", file=sys.stderr)
+        return 143 if interrupt.signal == signal.SIGTERM else 130
     if records:
         last = records[-1]
         print(f"done: test error {100 * last['test_error']:.2f}% after epoch {last['epoch']}; outputs in {out_dir}")
@@ -195,11 +212,12 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_gdu(args: argparse.Namespace) -> int:
     from .gdu import gdu_command
+    from .training.checkpoint import checkpoint_in
     from .training.trainer import checkpoint_config
 
     base = None
     if args.checkpoint is not None and args.preset is None and args.config is None:
-        base = checkpoint_config(args.checkpoint).model_dump(mode="json")  # check the run's own model
+        base = checkpoint_config(checkpoint_in(args.checkpoint)).model_dump(mode="json")  # the run's own model
     config = resolve_config(args, base=base)
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
@@ -224,22 +242,28 @@ class RememberedInterrupt:
     turned into.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.seen = False
+        #: the signal that interrupted the run (SIGINT or SIGTERM), once one has
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "RememberedInterrupt":
         try:
-            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._previous = {number: signal.signal(number, self._on_interrupt) for number in self.SIGNALS}
         except ValueError:  # not the main thread: signals are not ours to handle
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         self.seen = True
+        self.signal = signum
         raise KeyboardInterrupt
 
     def checked(self, log: Callable[[str], None]) -> Callable[[str], None]:
@@ -257,6 +281,7 @@ COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``eqprop`` command; returns the exit status."""
     from .training import CheckpointError, DivergenceError
+    from .training.run_lock import RunLockedError
 
     _show_progress_messages()
     try:
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except (UsageError, ConfigError) as error:
         return _fail(error, 2)
-    except (DataError, CheckpointError, DivergenceError) as error:
+    except (DataError, CheckpointError, DivergenceError, RunLockedError) as error:
         return _fail(error, 1)
     except KeyboardInterrupt:
         print("eqprop: interrupted", file=sys.stderr)

@@ -249,6 +249,9 @@ class TrainConfig(Strict):
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(
         None, description="every N batches, log the angle between the estimate and BPTT's gradient (costly)")
+    stop_at_chance: PositiveInt | None = Field(
+        5, description="stop a run (exit status 1) whose training error stays within 3 points of chance level "
+                       "for this many epochs in a row: it does not learn (None: never)")
 
 
 class RunConfig(Strict):

@@ -60,13 +60,15 @@ def read_dataset_file(folder: Path, name: str, dataset: str, decode: Callable[[b
     path = find_data_file(folder, name)
     if path is None:
         raise DataError(
-            f"{dataset} file {folder / name}[.gz] is missing: run with --download "
-            f"or point --data-dir at a folder holding {folder.name}/"
+            f"{dataset} file {folder / name}[.gz] is missing: put the {dataset} files in {folder} "
+            f"(see the README's Data section), point --data-dir at a data root holding {folder.name}/, "
+            f"or, with internet access, run with --download"
         )
     try:
         return decode(read_data_file(path), name)
     except ContentError as error:
-        raise DataError(f"{dataset} file {path} {error}: delete it and run with --download") from None
+        raise DataError(f"{dataset} file {path} {error}: replace it with a good copy, or delete it and, with "
+                        "internet access, run with --download") from None
     except OSError as error:
         raise DataError(f"cannot read {dataset} file {path}: {error.strerror or error}") from None
 

@@ -84,6 +84,11 @@ class BatchLoader:
         self._normalisation = _normalisation(mean, std, data.x.shape[1], dtype, self.device)
 
     @property
+    def labels(self) -> torch.Tensor:
+        """Every example's label (on the device)."""
+        return self._y
+
+    @property
     def num_examples(self) -> int:
         """Number of examples in the dataset (including any dropped by ``drop_last``)."""
         return self._y.shape[0]

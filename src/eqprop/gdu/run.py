@@ -243,7 +243,7 @@ def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | Non
     No augmentation; the configuration's normalisation and device apply.
     """
     from .. import build
-    from ..training.checkpoint import CheckpointError, load_checkpoint
+    from ..training.checkpoint import checkpoint_in, load_checkpoint, load_model_state
 
     seed = config.train.seed if seed is None else int(seed)
     t1 = config.dynamics.t1 if t1 is None else int(t1)
@@ -257,11 +257,8 @@ def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | Non
     run = build.build_run(config, data_dir=data_dir, download=download)
     model = run.model
     if checkpoint is not None:
-        try:
-            model.load_state_dict(load_checkpoint(Path(checkpoint))["model"])
-        except RuntimeError as error:
-            raise CheckpointError(f"checkpoint {checkpoint} does not fit the configured model "
-                                  f"({str(error).strip().splitlines()[0][:160]})") from None
+        path = checkpoint_in(Path(checkpoint))
+        load_model_state(model, load_checkpoint(path).get("model"), path)
     x, y = next(iter(run.train_loader))
     target = F.one_hot(y, model.head.classes).to(x.dtype)
     return run_gdu(model, x, target, t1=t1, k=k, beta=beta, estimators=estimators, lr=lr,

@@ -189,8 +189,7 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
 def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, bool]:
     loss, error, finite = totals.read()
     if not finite:
-        raise DivergenceError(f"training diverged in epoch {epoch} (NaN or inf by batch {batch}); the last "
-                              "checkpoint is kept; try smaller learning rates or β")
+        raise DivergenceError(f"training diverged in epoch {epoch} (NaN or inf by batch {batch})")
     return loss, error, finite
 
 

@@ -2,16 +2,18 @@
 
 Outputs in the run folder: ``config.yaml`` (resolved configuration),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (written
-atomically after every epoch, with model, optimizer, scheduler and every
-random generator, so ``resume`` continues exactly), ``best.pt`` (the same for
-the epoch of lowest test error so far), ``curves.png`` and, for
+atomically and verified after every epoch, with model, optimizer, scheduler
+and every random generator, so ``resume`` continues exactly), ``best.pt`` (the
+same for the epoch of lowest test error so far), ``curves.png`` and, for
 vector-field models, ``angles.png`` (the W–B^T angle per layer, logged as
-``angle/layerN`` in the metrics).
+``angle/layerN`` in the metrics). A run holds the folder's lock
+(:class:`~eqprop.training.run_lock.RunLock`) while it runs: one writer per folder.
 """
 from __future__ import annotations
 
 import re
 import warnings
+import yaml
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,21 @@ from ..alignment import backward_angles
 from ..build import Generators
 from ..solvers import WarmStart
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .loop import evaluate, train_epoch
+from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT, CheckpointError, checkpoint_in, config_fingerprint,
+                         load_checkpoint, load_model_state, save_checkpoint)
+from .loop import DivergenceError, evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
+from .run_lock import RunLock
 
-CHECKPOINT = "checkpoint.pt"
 WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
-BEST_CHECKPOINT = "best.pt"  # the epoch of lowest test error so far (a later collapse keeps it)
 METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+#: a run whose training error stays within this of chance level is not learning
+CHANCE_MARGIN = 0.03
+
+
+class DeadRunError(DivergenceError):
+    """Training stays at chance level: the run stops (``train.stop_at_chance``)."""
 
 
 def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> RunConfig:
@@ -46,16 +55,39 @@ def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> R
 def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = None, download: bool = False,
           resume: bool = False, show_progress: bool = False,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``); return the metrics."""
+    """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``, up to
+    ``config.train.epochs``); return the metrics of every epoch of the run. The folder is locked
+    for the whole run; a resumed run that already reached its target trains nothing."""
     out_dir = Path(out_dir)
-    config = resolve_schedule(config)
+    with RunLock(out_dir):
+        return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log)
+
+
+def run_fingerprint(out_dir: Path) -> str | None:
+    """The fingerprint of the model of the run in ``out_dir`` (from its ``config.yaml``), if any."""
+    try:
+        stored = yaml.safe_load((Path(out_dir) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return config_fingerprint(stored) if isinstance(stored, dict) else None
+
+
+def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None, download: bool, resume: bool,
+                  show_progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
     checkpoint_path = out_dir / CHECKPOINT
     if not resume and checkpoint_path.exists():
         raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
                           "or choose another --out")
-    checkpoint = load_checkpoint(checkpoint_path) if resume else None
+    checkpoint = load_checkpoint(checkpoint_path, run_fingerprint(out_dir)) if resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config, checkpoint_path)
+        done, target = int(checkpoint["epoch"]), config.train.epochs
+        stored_target = int(checkpoint["config"]["train"]["epochs"])
+        if done >= target:
+            log(f"{out_dir} is finished: epoch {done} of {target} is done (train it further with --epochs N)")
+            return read_metrics(out_dir / METRICS)[:done]
+        if target != stored_target:
+            log(f"the target of {out_dir} changes from {stored_target} to {target} epochs")
 
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
@@ -77,10 +109,16 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
             _restore_warm_start(run.warm_start, out_dir / WARM_START, first_epoch - 1, device, log)
     atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
 
+    chance = chance_error(run.train_loader.labels)
     for epoch in range(first_epoch, config.train.epochs + 1):
-        stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
-                            angle_every=config.train.angle_every, angle_bptt_steps=config.estimator.bptt_steps,
-                            bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start)
+        try:
+            stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
+                                angle_every=config.train.angle_every,
+                                angle_bptt_steps=config.estimator.bptt_steps,
+                                bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start)
+        except DivergenceError as error:
+            raise DivergenceError(f"{error}; {_what_is_kept(out_dir, epoch - 1)}; try smaller learning rates "
+                                  "or β") from None
         with warnings.catch_warnings():
             if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -116,7 +154,43 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         warning = collapse_warning(records)
         if warning:
             log(warning)
+        dead = dead_run_message(records, chance, config.train.stop_at_chance)
+        if dead:
+            raise DeadRunError(f"{dead}; {_what_is_kept(out_dir, epoch)}")
     return records
+
+
+def chance_error(labels: torch.Tensor) -> float:
+    """The training error of a network that has learned nothing: guessing, or predicting the most
+    frequent class, whichever errs less."""
+    counts = torch.bincount(labels.flatten().to("cpu", torch.int64))
+    return 1.0 - float(counts.max()) / max(int(counts.sum()), 1)
+
+
+def dead_run_message(records: list[dict[str, Any]], chance: float, epochs: int | None) -> str | None:
+    """One line when the training error has stayed within :data:`CHANCE_MARGIN` of ``chance`` for
+    the last ``epochs`` epochs (None: never)."""
+    if epochs is None or len(records) < epochs:
+        return None
+    recent = records[-epochs:]
+    if all(r["train_error"] >= chance - CHANCE_MARGIN for r in recent):
+        errors = ", ".join(f"{100 * r['train_error']:.1f}%" for r in recent)
+        return (f"training stopped: the training error stayed at chance level ({100 * chance:.1f}%) for "
+                f"{epochs} epochs ({errors}): the network does not learn; check the learning rates and β, or "
+                "set train.stop_at_chance to null to train on")
+    return None
+
+
+def _what_is_kept(out_dir: Path, epoch: int) -> str:
+    """What the run folder holds after a stop, said only of files that exist."""
+    if epoch < 1 or not (out_dir / CHECKPOINT).exists():
+        return "nothing was saved (no epoch was completed)"
+    kept = f"{CHECKPOINT} keeps epoch {epoch}"
+    best = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] <= epoch]
+    if best and (out_dir / BEST_CHECKPOINT).exists():
+        top = min(best, key=lambda r: r["test_error"])
+        kept += f", {BEST_CHECKPOINT} epoch {top['epoch']} ({100 * top['test_error']:.2f}% test error)"
+    return kept
 
 
 def collapse_warning(records: list[dict[str, Any]]) -> str | None:
@@ -189,8 +263,8 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
     random signs (CPU generators), but device generators cannot carry over: the
     dropout stream is then re-seeded from the seed and the epoch.
     """
+    load_model_state(model, checkpoint.get("model"), path)
     try:
-        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         epoch = int(checkpoint["epoch"])
@@ -201,17 +275,19 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
         generators.restore(states)
         return epoch
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this run ({reason})") from None
 
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, download: bool = False,
                         device: str | None = None, test_subset: int | None = None,
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Test loss and error of the model saved in a checkpoint, and the free phase's steps.
-    ``overrides``: configuration sections to change for the evaluation (e.g. ``{"solver":
-    {"name": "anderson"}}``); the model's own settings cannot be changed."""
-    checkpoint = load_checkpoint(path)
+    """Test loss and error of the model saved in a checkpoint (a file, or a run folder: its
+    latest checkpoint), and the free phase's steps. ``overrides``: configuration sections to
+    change for the evaluation (e.g. ``{"solver": {"name": "anderson"}}``); the model's own
+    settings cannot be changed."""
+    path = checkpoint_in(path)
+    checkpoint = load_checkpoint(path, run_fingerprint(path.parent))
     config = checkpoint_config(path, checkpoint)
     if data_dir is None:
         data_dir = checkpoint.get("data_dir")  # the data the run was trained on
@@ -224,10 +300,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
         data["train"]["device"] = device
     run = build.build_run(validate_config(data), data_dir=data_dir, download=download, training=False,
                           test_subset=test_subset)
-    try:
-        run.model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint {path} does not fit its own model ({str(error).splitlines()[0][:160]})") from None
+    load_model_state(run.model, checkpoint.get("model"), path)
     loss, error, solver = evaluate(run.model, run.test_loader, run.solvers[0], run.config.dynamics.t1)
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error,
             "samples": run.test_loader.num_examples, **solver}
