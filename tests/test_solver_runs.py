@@ -11,10 +11,10 @@ from eqprop.cli import main
 from eqprop.estimators import Phases, build_estimator
 from eqprop.models import PMLP
 from eqprop.solvers import WarmStart, build_solver
-from eqprop.training import load_checkpoint, train
+from eqprop.training import train
 from eqprop.training.trainer import CHECKPOINT, WARM_START
 
-from test_training import quiet, small_config
+from test_training import assert_resumed_run_equals_uninterrupted_run, quiet, small_config
 
 STEP_KEYS = ("free_steps", "free_steps_max", "free_residual", "free_capped", "nudged_steps", "nudged_steps_max",
              "nudged_residual", "test_free_steps")
@@ -56,17 +56,7 @@ def test_a_solver_run_reaches_the_fixed_runs_error(tmp_path):
 @pytest.mark.parametrize("solver", [{"name": "tolerance", "tol": 1e-4, "warm_start": True},
                                     {"name": "anderson", "tol": 1e-4}])
 def test_a_resumed_solver_run_equals_an_uninterrupted_one(tmp_path, solver):
-    config = small_config(solver=solver, train={"epochs": 3})
-    full = train(config, tmp_path / "full", log=quiet)
-    first = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
-    train(first, tmp_path / "split", log=quiet)
-    resumed = train(config, tmp_path / "split", resume=True, log=quiet)
-    a, b = (load_checkpoint(tmp_path / name / CHECKPOINT) for name in ("full", "split"))
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    strip = lambda records: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
-                             for r in records]
-    assert strip(resumed) == strip(full)
+    assert_resumed_run_equals_uninterrupted_run(small_config(solver=solver, train={"epochs": 3}), tmp_path)
 
 
 def test_a_warm_start_without_its_saved_states_starts_cold_and_says_so(tmp_path):

@@ -48,6 +48,12 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
 def test_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
     config = small_config(estimator={"name": estimator}, optim={"name": "sgd", "lr": [0.05, 0.02], "momentum": 0.9},
                           schedule={"name": "cosine", "t_max": 3, "eta_min": 1e-3}, train={"epochs": 3})
+    assert_resumed_run_equals_uninterrupted_run(config, tmp_path)
+
+
+def assert_resumed_run_equals_uninterrupted_run(config, tmp_path):
+    """``config`` trained straight, and stopped after epoch 1 then resumed: the same weights and
+    the same metrics (but the timings)."""
     full = train(config, tmp_path / "full", log=quiet)
     first = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
     train(first, tmp_path / "split", log=quiet)

@@ -327,11 +327,13 @@ def load_split(config: RunConfig, split: str, data_dir: str | Path | None, downl
 
 
 def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download: bool = False,
-              training: bool = True, test_subset: int | None = None, with_data: bool = True) -> Run:
+              training: bool = True, test_subset: int | None = None, with_data: bool = True,
+              optimize: bool = True) -> Run:
     """Build the run ``config`` describes: device, backend, model, solvers, estimator, data, and for
-    ``training`` the optimizer and schedule. Every check that needs the built objects happens here,
-    so a run that cannot work fails before any epoch with one line (:class:`ConfigError`).
-    ``with_data`` False builds no loaders (benchmarks that feed their own batches)."""
+    ``training`` the training data, the optimizer and the schedule. Every check that needs the built
+    objects happens here, so a run that cannot work fails before any epoch with one line
+    (:class:`ConfigError`). ``with_data`` False builds no loaders (benchmarks that feed their own
+    batches); ``optimize`` False no optimizer (the GDU check reads training batches only)."""
     device = configure_torch(config)
     test_data, root = (load_split(config, "test", data_dir, download, test_subset or config.data.test_subset)
                        if with_data else (None, None))
@@ -352,7 +354,7 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     if config.train.compile:
         estimator.compile()
     run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes)
-    if training:
+    if training and optimize:
         run.optimizer = build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
         run.scheduler = build_scheduler(config.schedule, run.optimizer, config.train.epochs)
     if with_data:

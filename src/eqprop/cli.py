@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     gdu = commands.add_parser("gdu", help="the GDU theorem check: EP's per-step updates against BPTT's gradients")
     _add_config_arguments(gdu)
     gdu.add_argument("--batch-size", type=_positive_int, help="samples in the checked batch (default train.batch_size)")
-    gdu.add_argument("--t1", type=_positive_int, help="free steps (default dynamics.t1; the theorem needs convergence)")
+    gdu.add_argument("--t1", type=_positive_int, help="free steps (default: until the free phase has converged, "
+                                                      "then K more: the theorem needs a steady state)")
     gdu.add_argument("--k", type=_positive_int, help="nudged steps compared (default dynamics.t2)")
-    gdu.add_argument("--beta", type=_positive_float, help="nudging strength (default dynamics.beta; small is better)")
+    gdu.add_argument("--beta", type=_positive_float, help="nudging strength (default 0.01, where the theorem "
+                                                          "holds, whatever the preset trains with)")
     gdu.add_argument("--estimators", help="comma list among one_sided, one_sided_neg, symmetric, c_ep, vf, c_vf "
                                           "(default: by model kind)")
     gdu.add_argument("--lr", type=_positive_float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
@@ -219,6 +221,9 @@ def command_gdu(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and args.preset is None and args.config is None:
         base = checkpoint_config(checkpoint_in(args.checkpoint)).model_dump(mode="json")  # the run's own model
     config = resolve_config(args, base=base)
+    if not any(a.split("=", 1)[0].strip() == "model.nudge" for a in args.overrides):
+        # the theorem's regime: the output nudged inside σ, unless the user asks otherwise
+        config = config.model_copy(update={"model": config.model.model_copy(update={"nudge": "inside"})})
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()] if args.estimators else None
     result = gdu_command(config, out_dir, batch_size=args.batch_size, k=args.k, beta=args.beta, t1=args.t1,
@@ -227,6 +232,12 @@ def command_gdu(args: argparse.Namespace) -> int:
     for name, summary in result["estimators"].items():
         layers = "  ".join(f"{layer} {m['rmse_mean']:.3g}" for layer, m in summary["layers"].items())
         print(f"{name:<14} angle {summary['angle_deg']:7.3f} deg   RMSE: {layers}")
+    settings = result["settings"]
+    print(f"T1 {settings['t1']}, K {settings['k']}, β {settings['beta']:g}, nudge "
+          f"{'inside' if settings['nudge_inside'] else 'after'} σ, free phase "
+          f"{'converged' if settings['converged'] else 'not converged'} (residual {settings['free_residual']:.1e})")
+    for note in settings["regime_notes"]:
+        print(f"note: {note}")
     print(f"gdu.json and plots in {out_dir}")
     return 0
 

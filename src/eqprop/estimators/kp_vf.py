@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..models.base import EnergyModel
+from ..models.base import EnergyModel, State
 from ..models.cnn import PCNN
 from ..models.mlp import PMLP
 from ..models.vf import VectorFieldModel
