@@ -22,7 +22,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-import torch
+from eqprop.training import load_checkpoint
+from eqprop.training.checkpoint import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent / "reproduction"
 
@@ -72,8 +73,7 @@ def record(folder: Path, command: str, note: str | None) -> dict:
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not metrics:
         raise SystemExit(f"{folder} has no completed epoch")
-    config = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-    target = (config.get("config") or {}).get("train", {}).get("epochs") if "config" in config else None
+    target = load_checkpoint(folder / CHECKPOINT)["config"]["train"]["epochs"]
     best = min(metrics, key=lambda r: r["test_error"])
     entry = {"command": command, "commit": commit(), "machine": machine(),
              "training_seconds": sum(r["epoch_seconds"] for r in metrics), "epochs_run": metrics[-1]["epoch"],

@@ -1,0 +1,49 @@
+"""The reproduction table is rendered from the records in the repository, never from guesses."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_table_shows_recorded_rows_and_says_not_run_for_the_others(tmp_path, monkeypatch):
+    reproduction = load_script("reproduction")
+    monkeypatch.setattr(reproduction, "ROOT", tmp_path)
+    for name, final, best in (("ep-2h", 0.0231, 0.0190), ("ep-2h@anderson", 0.0240, 0.0201)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "record.json").write_text(json.dumps({
+            "command": f"eqprop train --preset {name.split('@')[0]}", "machine": "test CPU, 2 cores",
+            "epochs_run": 50, "epochs_target": 50, "final_test_error": final, "best_test_error": best}))
+    table = reproduction.table().splitlines()
+    assert table[0].startswith("| row | paper | eqprop (final, best) | difference | epochs run |")
+    rows = {line.split("`")[1]: line for line in table[2:]}
+    assert "| 2.00% | 2.31%, 1.90% | +0.31 pt | 50 of 50 | `eqprop train --preset ep-2h` | test CPU" in rows["ep-2h"]
+    assert "| 2.40%, 2.01% | +0.40 pt |" in rows["ep-2h@anderson"]
+    assert rows["cep-2h"].endswith("| 2.50% | not run | | | | |")
+    assert "| – | not run |" in rows["cvf-1h"]   # a row without a single paper figure
+
+
+def test_a_record_is_written_from_the_run_folder(tmp_path):
+    from eqprop.config import validate_config
+    from eqprop.training import train
+    reproduction = load_script("reproduction")
+    config = validate_config({"name": "demo", "data": {"dataset": "mnist-demo", "train_subset": 100,
+                                                       "test_subset": 50},
+                              "dynamics": {"t1": 5, "t2": 2}, "train": {"epochs": 2, "device": "cpu"}})
+    train(config, tmp_path, log=lambda _: None)
+    entry = reproduction.record(tmp_path, "eqprop train --preset demo --epochs 2", "a test")
+    assert entry["epochs_run"] == 2 and entry["epochs_target"] == 2 and entry["note"] == "a test"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert entry["final_test_error"] == lines[-1]["test_error"]
+    assert entry["best_test_error"] == min(r["test_error"] for r in lines)
+    assert json.loads((tmp_path / "record.json").read_text()) == entry
