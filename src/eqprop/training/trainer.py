@@ -241,6 +241,10 @@ def _restore_warm_start(warm_start: WarmStart, path: Path, epoch: int, device: t
                         log: Callable[[str], None]) -> None:
     """The warm-start states saved with epoch ``epoch``; without them (a file missing, of another
     epoch or damaged) the samples start cold again, which the run says."""
+    if not path.exists():
+        log(f"warm start: {path.parent} holds no saved states (the run had no warm start); every sample "
+            "starts cold")
+        return
     try:
         saved = load_checkpoint(path)
         if saved.get("epoch") != epoch:
