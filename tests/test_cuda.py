@@ -179,3 +179,25 @@ def test_channels_last_model_trains_with_a_fused_optimizer():
     est.train_step(model, x.contiguous(memory_format=torch.channels_last), target, optimizer)
     assert all(p.grad.stride() == p.stride() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["fixed", "tolerance", "alternating", "anderson"])
+@pytest.mark.parametrize("model_name", ["mlp_ce", "cnn_mse"])
+def test_every_solver_replayed_as_cuda_graphs_equals_eager(name, model_name):
+    """A solver on the CUDA-graphs backend (its steps replayed between checks) computes what it
+    computes eagerly, in float64, free and nudged."""
+    from eqprop.backends import CudaGraphsBackend
+    from eqprop.solvers import SOLVERS
+    model = MODELS[model_name]().to(CUDA).double()
+    x, target = (t.to(CUDA).double() for t in batch(model))
+    clamped = model.clamp(x)
+    runner = CudaGraphsBackend().runner(SOLVERS[name].sweep)
+    options = {} if name == "fixed" else {"tol": 1e-7, "check_every": 5}
+    with torch.no_grad():
+        for beta in (0.0, 0.3):
+            eager, eager_stats = build_solver(name, **options)(model, clamped, model.init_state(x), 200, beta, target)
+            graphed, stats = build_solver(name, runner, **options)(model, clamped, model.init_state(x), 200, beta,
+                                                                  target)
+            assert stats.steps == eager_stats.steps
+            assert relative(graphed, eager) < 1e-12
+    assert len(runner._graphs) > 0
