@@ -252,6 +252,11 @@ def test_unknown_solver_and_bad_options_are_one_line_errors():
         build_solver("anderson", momentum=0.5)
     with pytest.raises(ConfigError, match="solver.name: unknown solver 'newton'"):
         small_config(solver={"name": "newton"})
+    with pytest.raises(ConfigError, match="solver.sweep: not used by solver tolerance$"):
+        small_config(solver={"name": "tolerance", "sweep": "alternating"})
+    with pytest.raises(ConfigError, match="solver.tol: not used by solver fixed$"):
+        small_config(solver={"tol": 1e-6})
+    small_config(solver={"name": "fixed", "nudged": "tolerance", "tol": 1e-6})   # the nudged solver uses it
     with pytest.raises(ConfigError, match="train.compile: compiles the fixed solver's phases only"):
         small_config(solver={"name": "anderson"}, train={"compile": True})
 

@@ -185,6 +185,11 @@ class SolverConfig(Strict):
             value = getattr(self, key)
             if value is not None and value not in SOLVERS:
                 raise ValueError(f"{key}: unknown solver {value!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        used = {field for name in (self.name, self.nudged_name()) for field in SOLVERS[name].config_fields}
+        for key, field in SolverConfig.model_fields.items():
+            if key not in ("name", "nudged", "warm_start") and key not in used and getattr(self, key) != field.default:
+                raise ValueError(f"{key}: not used by solver {self.name}"
+                                 + (f" nor {self.nudged_name()}" if self.nudged_name() != self.name else ""))
         return self
 
     def nudged_name(self) -> str:
