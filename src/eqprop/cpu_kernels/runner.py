@@ -35,10 +35,11 @@ MAX_THREADS = 64
 
 
 def kernel_runs_model(model: EnergyModel) -> bool:
-    """Whether the kernel implements this model's step and half-step (the tensors are checked at
-    each phase)."""
-    return (isinstance(model, PMLP) and type(model).step is PMLP.step and type(model).half_step is PMLP.half_step
-            and type(model.head) in _HEADS and model.activation.kernel_core in _CORES)
+    """Whether the kernel implements this model's steps: the model declares the path
+    (:meth:`~eqprop.models.base.EnergyModel.fast_paths`), with a head and an activation the
+    kernel has (the tensors are checked at each phase)."""
+    return ("c_kernel" in model.fast_paths() and type(model.head) in _HEADS
+            and model.activation.kernel_core in _CORES)
 
 
 def kernel_applies(model: EnergyModel, clamped: Clamped, state: State) -> bool:

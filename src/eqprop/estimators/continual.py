@@ -165,8 +165,7 @@ def first_layer_telescopes(model: EnergyModel, clamped: Clamped) -> bool:
     reads the first layer's weights only through ``clamped.offsets[0]``, and its
     update rules read x only in the first layer's outer product.
     """
-    return (isinstance(model, PMLP) and isinstance(clamped, MLPClamped)
-            and type(model).clamp is PMLP.clamp and type(model).refresh_clamped is EnergyModel.refresh_clamped)
+    return "telescoped_first_layer" in model.fast_paths() and isinstance(clamped, MLPClamped)
 
 
 def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta: float, target: Tensor,

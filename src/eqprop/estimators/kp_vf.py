@@ -28,25 +28,12 @@ B = W^T and its prototypical twin get the same estimate.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.base import EnergyModel, State
-from ..models.cnn import PCNN
-from ..models.mlp import PMLP
 from ..models.vf import VectorFieldModel
 from .base import Estimate, Phases, register
 from .symmetric_vf import SymmetricVF
-
-
-def leaky_weights(model: EnergyModel) -> list[nn.Parameter]:
-    """The weights eq. 21's leak applies to: every W and B of a pair (prototypical: the W_n with a top-down role)."""
-    if isinstance(model, VectorFieldModel):
-        return [p for pair in model.backward_pairs() for p in (pair.forward, pair.backward)]
-    if isinstance(model, PMLP):
-        return [layer.weight for layer in model.layers[1:]]
-    if isinstance(model, PCNN):
-        return [layer.weight for layer in list(model.convs)[1:] + list(model.fcs)]
-    return []
 
 
 @register("kp_vf")
@@ -75,7 +62,7 @@ class KPVF(SymmetricVF):
                 # in B's own layout (channels-last or not), which fill_grads then copies without conversion
                 direction[j] = torch.empty_like(pair.backward).copy_(pair.mirror(common))
         if self.leak:
-            for p in leaky_weights(model):
+            for p in model.recurrent_weights():   # eq. 21's leak: every W and B of a pair
                 i = position[id(p)]
                 direction[i].sub_(p, alpha=self.leak)
         return result

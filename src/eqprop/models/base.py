@@ -58,6 +58,18 @@ class EnergyModel(nn.Module):
     #: ``vector_field_grads``; the vector-field estimators and the GDU check rely on it
     is_vector_field: bool = False
 
+    def fast_paths(self) -> frozenset[str]:
+        """The fast paths this model's own code allows, by name (none here): ``"c_kernel"``
+        (eqprop's C kernel computes its steps, :mod:`eqprop.cpu_kernels`) and
+        ``"telescoped_first_layer"`` (continual EP updates the first layer's drive without a
+        matmul per step). A subclass that overrides what a path relies on loses it."""
+        return frozenset()
+
+    def recurrent_weights(self) -> list[nn.Parameter]:
+        """The weights that carry signals both ways (a W_n with a top-down role; for a
+        vector-field model each W and its B): what KP-VF's leak applies to. None here."""
+        return []
+
     def supports_cuda_graphs(self) -> bool:
         """True if :meth:`step` reads nothing but the parameters (updated in place), the
         clamped input, the state, β and the target, and uses no autograd: then

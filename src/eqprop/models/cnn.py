@@ -243,6 +243,9 @@ class PCNN(EnergyModel):
         # the dropout mask travels with the clamped input, which a graph copies in before each replay
         return True
 
+    def recurrent_weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in list(self.convs)[1:] + list(self.fcs)]
+
     def step(self, clamped: Clamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
         """The base class's step; a softmax readout reading the last conv state takes the dropout

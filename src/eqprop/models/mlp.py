@@ -110,6 +110,18 @@ class PMLP(EnergyModel):
     def supports_cuda_graphs(self) -> bool:
         return True
 
+    def fast_paths(self) -> frozenset[str]:
+        own = type(self)
+        paths = set()
+        if own.step is PMLP.step and own.half_step is PMLP.half_step and own._update is PMLP._update:
+            paths.add("c_kernel")
+        if own.clamp is PMLP.clamp and own.refresh_clamped is EnergyModel.refresh_clamped:
+            paths.add("telescoped_first_layer")
+        return frozenset(paths)
+
+    def recurrent_weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in self.layers[1:]]
+
     def step(self, clamped: MLPClamped, state: State, beta: float | Tensor = 0.0,
              target: Tensor | None = None) -> State:
         """The base class's step with σ's scale and shift folded into the matmuls:

@@ -91,6 +91,9 @@ class VectorFieldModel(EnergyModel):
         self.backward = nn.ModuleDict(groups)
         self._backward_spec = list(spec)
 
+    def recurrent_weights(self) -> list[nn.Parameter]:
+        return [p for pair in self.backward_pairs() for p in (pair.forward, pair.backward)]
+
     def backward_pairs(self) -> list[BackwardPair]:
         """Every (W, B) pair, input first."""
         return [BackwardPair(layer, getattr(self, group)[index].weight, self.backward[group][str(index)], transposed)
