@@ -143,7 +143,7 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
 
 def command_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError, load_checkpoint
-    from .training.trainer import CHECKPOINT, checkpoint_config, run_fingerprint, train
+    from .training.trainer import CHECKPOINT, checkpoint_config, finished_message, run_fingerprint, train
 
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -154,8 +154,7 @@ def command_train(args: argparse.Namespace) -> int:
         config = resolve_config(args, base=stored)
         out_dir = args.resume
         if int(checkpoint["epoch"]) >= config.train.epochs:
-            print(f"eqprop train: {out_dir} is finished: epoch {checkpoint['epoch']} of {config.train.epochs} "
-                  "is done (train it further with --epochs N)")
+            print(f"eqprop train: {finished_message(out_dir, int(checkpoint['epoch']), config.train.epochs)}")
             return 0
     else:
         config = resolve_config(args)

@@ -97,11 +97,6 @@ class Anderson(Tolerance):
         if self.stall < 1:
             raise ValueError(f"stall must be >= 1, got {stall}")
 
-    def options(self) -> dict[str, object]:
-        return {**super().options(), "memory": self.memory, "regularization": self.regularization,
-                "mixing": self.mixing, "max_coefficient": self.max_coefficient, "growth": self.growth,
-                "stall": self.stall, "sweep": self.sweep}
-
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> tuple[State, SolverStats]:
         if steps <= 0:

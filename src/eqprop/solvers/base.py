@@ -71,10 +71,6 @@ class Solver(ABC):
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> tuple[State, SolverStats]:
         """Run the phase from ``state`` for at most ``steps`` steps; return the final state and stats."""
 
-    def options(self) -> dict[str, object]:
-        """The solver's settings, as recorded with a run (for messages and metadata)."""
-        return {}
-
     def run_in_one_call(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                         beta: float | Tensor, target: Tensor | None, tol: float,
                         check_every: int) -> tuple[State, Tensor, Tensor] | None:

@@ -37,9 +37,6 @@ class Tolerance(Solver):
         self.tol = float(tol)
         self.check_every = int(check_every)
 
-    def options(self) -> dict[str, object]:
-        return {"tol": self.tol, "check_every": self.check_every}
-
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> tuple[State, SolverStats]:
         if steps <= 0:

@@ -63,6 +63,11 @@ def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = Non
         return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log)
 
 
+def finished_message(out_dir: Path, done: int, target: int) -> str:
+    """What resuming a run that has reached its target says."""
+    return f"{out_dir} is finished: epoch {done} of {target} is done (train it further with --epochs N)"
+
+
 def run_fingerprint(out_dir: Path) -> str | None:
     """The fingerprint of the model of the run in ``out_dir`` (from its ``config.yaml``), if any."""
     try:
@@ -84,7 +89,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         done, target = int(checkpoint["epoch"]), config.train.epochs
         stored_target = int(checkpoint["config"]["train"]["epochs"])
         if done >= target:
-            log(f"{out_dir} is finished: epoch {done} of {target} is done (train it further with --epochs N)")
+            log(finished_message(out_dir, done, target))
             return read_metrics(out_dir / METRICS)[:done]
         if target != stored_target:
             log(f"the target of {out_dir} changes from {stored_target} to {target} epochs")
