@@ -10,7 +10,7 @@ from eqprop.data import DATASETS, DataError, load_dataset, resolve_data_root
 
 
 def test_dataset_names() -> None:
-    assert DATASETS == ("mnist", "cifar10", "mnist-demo")
+    assert list(DATASETS) == ["mnist", "cifar10", "mnist-demo", "npz"]
 
 
 def test_explicit_data_dir_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,16 +10,21 @@ The pieces, each in one obvious place:
 - training (``eqprop.training``): the epoch loop, evaluation, checkpoints;
 - configuration, presets, data and the command line wire them together.
 """
-from .config import ConfigError, RunConfig, validate_config
+from .activations import make_activation, register_activation
+from .config import ConfigError, ModelSection, RunConfig, validate_config
+from .data import ArrayDataset, BatchLoader, register_dataset
 from .dynamics import record_phase, run_phase
 from .estimators import ESTIMATORS, Estimate, Estimator, Phases, build_estimator, register
-from .models import EnergyModel, PMLP
+from .models import EnergyModel, FieldModel, PhiModel, PMLP
 from .models.cnn import PCNN
+from .models.registry import ModelContext, register_model
 from .presets import load_preset, preset_names
-from .solvers import SolverStats, build_solver
+from .solvers import SolverStats, build_solver, register_solver
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "ESTIMATORS", "EnergyModel", "Estimate", "Estimator", "PCNN", "PMLP", "Phases",
-           "RunConfig", "SolverStats", "build_estimator", "build_solver", "load_preset", "preset_names",
-           "record_phase", "register", "run_phase", "validate_config"]
+__all__ = ["ArrayDataset", "BatchLoader", "ConfigError", "ESTIMATORS", "EnergyModel", "Estimate", "Estimator",
+           "FieldModel", "ModelContext", "ModelSection", "PCNN", "PMLP", "Phases", "PhiModel", "RunConfig",
+           "SolverStats", "build_estimator", "build_solver", "load_preset", "make_activation", "preset_names",
+           "record_phase", "register", "register_activation", "register_dataset", "register_model",
+           "register_solver", "run_phase", "validate_config"]

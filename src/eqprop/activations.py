@@ -92,3 +92,44 @@ def get_activation(name: str) -> Activation:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
+
+
+def _autograd_derivative(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """σ' of an elementwise σ by autograd: ``∂(Σ σ(u))/∂u``."""
+    def derivative(u: Tensor) -> Tensor:
+        with torch.enable_grad():
+            leaf = u.detach().requires_grad_()
+            return torch.autograd.grad(fn(leaf).sum(), leaf)[0]
+    return derivative
+
+
+def make_activation(fn: Callable[[Tensor], Tensor], name: str | None = None,
+                    derivative: Callable[[Tensor], Tensor] | None = None, description: str = "") -> Activation:
+    """An :class:`Activation` from one elementwise function ``fn`` (e.g. ``lambda u: u.clamp(0, 6)``);
+    its derivative by autograd unless ``derivative`` is given. Models defined by Φ use only ``fn``
+    and ``derivative``; the closed-form built-in models need the named activations above."""
+    if not callable(fn):
+        raise TypeError(f"an activation is a function of a tensor, got {type(fn).__name__}")
+    def core_(u: Tensor) -> Tensor:
+        return u.copy_(fn(u))
+    return Activation(name or getattr(fn, "__name__", "custom"), fn, derivative or _autograd_derivative(fn),
+                      description or "user-defined", fn, core_)
+
+
+def as_activation(value: "str | Activation | Callable[[Tensor], Tensor]") -> Activation:
+    """The activation a model was given: a registered name, an :class:`Activation`, or a function."""
+    if isinstance(value, Activation):
+        return value
+    if isinstance(value, str):
+        return get_activation(value)
+    return make_activation(value)
+
+
+def register_activation(name: str, fn: Callable[[Tensor], Tensor],
+                        derivative: Callable[[Tensor], Tensor] | None = None, description: str = "") -> Activation:
+    """Make ``fn`` available by ``name`` to configurations (``model.activation: NAME``), e.g. from a
+    plugin module. Names already taken are refused: a built-in keeps its meaning."""
+    if name in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is already registered")
+    ACTIVATIONS[name] = make_activation(fn, name, derivative, description)
+    return ACTIVATIONS[name]

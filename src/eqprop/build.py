@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
 from .cpu_kernels import kernel_runs_model
 from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
+from .data.registry import dataset_entry
 from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
-from .models.products import DenseProducts
+from .models.registry import ModelContext, model_kind, register_model
 from .solvers import Solver, WarmStart, solver_class
 from .models.cnn import PCNN
 from .models.vf import VFMLP
@@ -40,59 +40,74 @@ def _backward_options(config: MLPConfig | CNNConfig) -> dict[str, object]:
     return {"backward_init": config.backward_init, "backward_angle": config.backward_angle}
 
 
-def build_mlp(config: MLPConfig, generator: torch.Generator, products: DenseProducts | None = None,
-              dropout_generator: torch.Generator | None = None) -> EnergyModel:
-    """A P-MLP, or its vector-field variant with ``backward: separate``; ``products``: the
-    backend's drive and gradient products (None: PyTorch's). An MLP has no dropout."""
+@register_model("mlp", MLPConfig, flat_input=True)
+def build_mlp(config: MLPConfig, context: ModelContext) -> EnergyModel:
+    """A P-MLP, or its vector-field variant with ``backward: separate``, computing its dense products
+    with the context's (a backend's; None: PyTorch's). An MLP has no dropout."""
     cls = PMLP if config.backward == "tied" else VFMLP
     return cls(config.sizes, config.activation, config.loss, config.nudge == "inside",
-               generator=generator, init_scale=config.init_scale, products=products, **_backward_options(config))
+               generator=context.generator, init_scale=config.init_scale, products=context.products,
+               **_backward_options(config))
 
 
-def build_cnn(config: CNNConfig, generator: torch.Generator, products: DenseProducts | None = None,
-              dropout_generator: torch.Generator | None = None) -> EnergyModel:
+@register_model("cnn", CNNConfig, flat_input=False)
+def build_cnn(config: CNNConfig, context: ModelContext) -> EnergyModel:
     """A P-CNN, or its vector-field variant with ``backward: separate``, drawing its dropout masks
-    from ``dropout_generator``. Its products are PyTorch's convolutions."""
+    from the context's stream. Its products are PyTorch's convolutions."""
     cls = PCNN if config.backward == "tied" else VFCNN
     return cls(config.input_shape, config.channels, config.kernels, config.strides, config.paddings,
                config.fc, activation=config.activation, loss=config.loss,
                nudge_inside=config.nudge == "inside", dropout=config.dropout,
-               generator=generator, init_scale=config.init_scale, dropout_generator=dropout_generator,
-               **_backward_options(config))
-
-
-#: model kinds by the ``model.kind`` of the configuration
-MODEL_BUILDERS: dict[str, Callable[..., EnergyModel]] = {"mlp": build_mlp, "cnn": build_cnn}
+               generator=context.generator, init_scale=config.init_scale,
+               dropout_generator=context.dropout_generator, **_backward_options(config))
 
 
 def build_model(config: RunConfig, seed: int | None = None, backend: Backend | None = None,
                 dropout_generator: torch.Generator | None = None) -> EnergyModel:
-    """The network of ``config``, initialised from the run's seed (CPU, float32 until moved),
-    computing its products with ``backend``'s where it has any and drawing its dropout masks
-    from ``dropout_generator``."""
-    generator = torch.Generator().manual_seed(config.train.seed if seed is None else seed)
-    products = backend.products if backend is not None else None
+    """The network of ``config`` by its registered kind, initialised from the run's seed (CPU,
+    float32 until moved), computing its products with ``backend``'s where it has any and drawing
+    its dropout masks from ``dropout_generator``."""
+    seed = config.train.seed if seed is None else seed
+    context = ModelContext(torch.Generator().manual_seed(seed), seed,
+                           backend.products if backend is not None else None, dropout_generator)
+    kind = model_kind(config.model.kind)
     try:
-        return MODEL_BUILDERS[config.model.kind](config.model, generator, products, dropout_generator)
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
+        model = kind.build(config.model, context)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model: {_first_line(error)}") from None
+    if not isinstance(model, EnergyModel):
+        raise ConfigError(f"model: the builder of kind {kind.name} returned a {type(model).__name__}, "
+                          "not an eqprop EnergyModel")
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_model_fits_data(config: RunConfig, model: EnergyModel, data: ArrayDataset) -> None:
-    """Refuse a model whose input or output size does not match the dataset."""
+    """Refuse a model whose input or output size does not match the dataset: the built-in kinds by
+    their sizes, any other kind by one free step on two samples."""
     sample_shape = list(data.x.shape[1:])
-    if isinstance(config.model, MLPConfig):
-        if config.model.sizes[0] != math.prod(sample_shape):
-            raise ConfigError(f"model.sizes: the input size {config.model.sizes[0]} does not match "
-                              f"{data.name} samples of {math.prod(sample_shape)} values")
-        classes = config.model.sizes[-1]
-    else:
-        if config.model.input_shape != sample_shape:
-            raise ConfigError(f"model.input_shape: {config.model.input_shape} does not match "
-                              f"{data.name} samples of shape {sample_shape}")
-        classes = config.model.fc[-1]
+    if isinstance(config.model, MLPConfig) and config.model.sizes[0] != math.prod(sample_shape):
+        raise ConfigError(f"model.sizes: the input size {config.model.sizes[0]} does not match "
+                          f"{data.name} samples of {math.prod(sample_shape)} values")
+    if isinstance(config.model, CNNConfig) and config.model.input_shape != sample_shape:
+        raise ConfigError(f"model.input_shape: {config.model.input_shape} does not match "
+                          f"{data.name} samples of shape {sample_shape}")
+    classes = model.head.classes
     if classes != data.num_classes:
         raise ConfigError(f"model: the output has {classes} units but {data.name} has {data.num_classes} classes")
+    if not isinstance(config.model, (MLPConfig, CNNConfig)):
+        x = data.x[:2].float()
+        x = x.flatten(1) if model_kind(config.model.kind).flat_input else x
+        try:
+            with torch.no_grad():
+                model.logits(model.step(model.clamp(x), model.init_state(x)))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise ConfigError(f"model: the {config.model.kind} model cannot take {data.name} samples of shape "
+                              f"{list(x.shape[1:])}: {_first_line(error)}") from None
 
 
 def build_estimator_from(config: RunConfig, generator: torch.Generator,
@@ -117,17 +132,18 @@ def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = Fals
     for the continual estimators, which make their own SGD steps.
     """
     groups = model.layer_parameters()
-    if len(config.lr) != len(groups):
+    rates = [config.lr] * len(groups) if isinstance(config.lr, float) else config.lr
+    if len(rates) != len(groups):
         raise ConfigError(f"optim.lr: the model has {len(groups)} layers (input first, readout last) "
-                          f"but {len(config.lr)} learning rates were given")
-    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, config.lr)]
+                          f"but {len(rates)} learning rates were given (or give one number for all)")
+    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, rates)]
     if config.name == "sgd":
         if config.nesterov and config.momentum == 0:
             raise ConfigError("optim.nesterov: needs a momentum > 0")
-        return torch.optim.SGD(param_groups, lr=config.lr[0], momentum=config.momentum,
+        return torch.optim.SGD(param_groups, lr=rates[0], momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay,
                                fused=config.fused or None, maximize=ascend)
-    return torch.optim.Adam(param_groups, lr=config.lr[0], betas=config.betas, eps=config.eps,
+    return torch.optim.Adam(param_groups, lr=rates[0], betas=config.betas, eps=config.eps,
                             weight_decay=config.weight_decay, fused=config.fused or None, maximize=ascend)
 
 
@@ -167,7 +183,7 @@ def build_loader(config: RunConfig, data: ArrayDataset, train: bool, device: tor
     return BatchLoader(data, config.train.batch_size if train else config.train.test_batch_size,
                        shuffle=train, device=device, generator=generator, mean=d.mean, std=d.std,
                        augment=train and d.augment, crop_padding=d.crop_padding,
-                       flatten=isinstance(config.model, MLPConfig), dtype=DTYPES[config.train.dtype])
+                       flatten=model_kind(config.model.kind).flat_input, dtype=DTYPES[config.train.dtype])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,7 +212,7 @@ def place_model(model: EnergyModel, config: RunConfig, device: torch.device) -> 
     channels_last = config.train.channels_last
     if channels_last == "auto":
         channels_last = device.type == "cpu"
-    if channels_last and config.model.kind == "cnn":
+    if channels_last and isinstance(config.model, CNNConfig):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -322,8 +338,8 @@ class Run:
 def load_split(config: RunConfig, split: str, data_dir: str | Path | None, download: bool,
                size: int | None) -> tuple[ArrayDataset, Path | None]:
     """The configured dataset's ``split`` (its first ``size`` samples), and the data root it came from."""
-    root = None if config.data.dataset == "mnist-demo" else resolve_data_root(data_dir)
-    return subset(load_dataset(config.data.dataset, split, root, download), size), root
+    root = resolve_data_root(data_dir) if dataset_entry(config.data.dataset).location == "root" else None
+    return subset(load_dataset(config.data.dataset, split, root, download, config.data.path), size), root
 
 
 def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download: bool = False,

@@ -220,7 +220,8 @@ def command_gdu(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and args.preset is None and args.config is None:
         base = checkpoint_config(checkpoint_in(args.checkpoint)).model_dump(mode="json")  # the run's own model
     config = resolve_config(args, base=base)
-    if not any(a.split("=", 1)[0].strip() == "model.nudge" for a in args.overrides):
+    if "nudge" in type(config.model).model_fields and not any(
+            a.split("=", 1)[0].strip() == "model.nudge" for a in args.overrides):
         # the theorem's regime: the output nudged inside σ, unless the user asks otherwise
         config = config.model_copy(update={"model": config.model.model_copy(update={"nudge": "inside"})})
     out_dir = args.out or Path("runs") / f"gdu-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"

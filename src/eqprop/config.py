@@ -8,12 +8,14 @@ field. Unknown keys and out-of-range values are refused with a one-line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, PositiveInt, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, SerializeAsAny,
+                      ValidationError, model_validator)
 
 from .activations import ACTIVATIONS
+from .plugins import PluginError, load_plugins
 
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -29,8 +31,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class NetworkOptions(Strict):
-    """Settings shared by every kind of network: activation, loss, nudge, init, backward weights."""
+class ModelSection(Strict):
+    """Base of every model kind's configuration section: ``kind`` names the registered kind
+    (:func:`~eqprop.models.registry.register_model`); a kind's schema adds its own fields."""
+
+    kind: str
+
+
+class NetworkOptions(ModelSection):
+    """Settings shared by the built-in networks: activation, loss, nudge, init, backward weights."""
 
     activation: str
     loss: Literal["mse", "ce"]
@@ -98,21 +107,47 @@ def _check_activation(name: str) -> None:
         raise ValueError(f"activation: unknown {name!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _model_kind(value: Any) -> str:
-    """The model kind of raw or validated data; a mapping without ``kind`` is an MLP."""
-    if isinstance(value, dict):
-        return value.get("kind", "mlp")
-    return getattr(value, "kind", "mlp")
+def _first_problem(error: ValidationError, drop: tuple[str, ...] = ()) -> str:
+    """The first problem of a validation error as ``key.path: message`` (``drop``: location parts
+    that are not keys)."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"] if part not in drop]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    field, sep, rest = message.partition(": ")
+    if sep and all(part.isidentifier() or part.isdigit() for part in field.split(".")):  # a validator naming its field
+        loc.append(field)
+        message = rest
+    key = ".".join(loc)
+    return f"{key}: {message}" if key else message
 
 
-ModelConfig = Annotated[Union[Annotated[MLPConfig, Tag("mlp")], Annotated[CNNConfig, Tag("cnn")]],
-                        Discriminator(_model_kind)]
+def _model_section(value: Any) -> Any:
+    """A ``model`` section validated by the schema of its ``kind`` (a mapping without ``kind``
+    is an MLP); a section already validated is kept."""
+    if isinstance(value, ModelSection) or not isinstance(value, dict):
+        return value
+    from .models.registry import model_kind
+    try:
+        schema = model_kind(value.get("kind", "mlp")).schema
+    except ValueError as error:
+        raise ValueError(f"kind: {error}") from None
+    try:
+        return schema.model_validate(value)
+    except ValidationError as error:
+        raise ValueError(_first_problem(error)) from None
+
+
+ModelConfig = Annotated[SerializeAsAny[ModelSection], BeforeValidator(_model_section)]
 
 
 class DataConfig(Strict):
     """Which dataset, how much of it, and how it is preprocessed."""
 
-    dataset: Literal["mnist", "mnist-demo", "cifar10"] = "mnist"
+    dataset: str = Field("mnist", description="a registered dataset: mnist, cifar10, mnist-demo, npz (arrays of "
+                                               "your own, see path), or one a plugin registers")
+    path: str | None = Field(None, description="npz: the folder holding train.npz and test.npz (arrays x and y)")
     train_subset: PositiveInt | None = Field(None, description="use only the first N training samples")
     test_subset: PositiveInt | None = Field(None, description="use only the first N test samples")
     mean: list[float] | None = Field(None, description="per-channel mean subtracted after x/255")
@@ -122,6 +157,15 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        from .data.registry import DATASETS
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown {self.dataset!r}; choose one of {', '.join(DATASETS)} (a dataset "
+                             "of your own: name the module that registers it in plugins)")
+        entry = DATASETS[self.dataset]
+        if entry.needs_path and self.path is None:
+            raise ValueError(f"path: dataset {self.dataset} reads its files from a folder; set data.path")
+        if not entry.needs_path and self.path is not None:
+            raise ValueError(f"path: not used by dataset {self.dataset} (its files are under the data root)")
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean: give std too (both or neither)")
         if self.mean is not None and len(self.mean) != len(self.std):
@@ -207,7 +251,9 @@ class OptimConfig(Strict):
     """Optimizer with one learning rate per layer (input first, readout last)."""
 
     name: Literal["sgd", "adam"] = "sgd"
-    lr: list[PositiveFloat] = Field(default_factory=lambda: [0.08, 0.04], min_length=1)
+    lr: PositiveFloat | list[PositiveFloat] = Field(
+        default_factory=lambda: [0.08, 0.04], description="one learning rate per layer (input first, readout "
+                                                         "last), or one number for every layer")
     momentum: Fraction = 0.0
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 0.0
@@ -264,6 +310,9 @@ class RunConfig(Strict):
 
     name: str = "custom"
     description: str = ""
+    plugins: list[str] = Field(default_factory=list, description="modules imported before the rest is read "
+                                                                 "(dotted names or .py files): they register "
+                                                                 "models, datasets, estimators, solvers")
     model: ModelConfig = Field(default_factory=MLPConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
@@ -277,11 +326,11 @@ class RunConfig(Strict):
     def _check_estimator_fits_model(self) -> "RunConfig":
         from .estimators import ESTIMATORS
         needs = ESTIMATORS[self.estimator.name].models
-        separate = self.model.backward == "separate"
+        separate = getattr(self.model, "backward", None) == "separate"  # a plugin's kind: checked when built
         if needs == "energy" and separate:
             raise ValueError(f"estimator.name: {self.estimator.name} needs a primitive Φ, which a model with "
                              "backward: separate has not; use vf, symmetric_vf, kp_vf, c_vf or bptt")
-        if needs == "vector_field" and not separate:
+        if needs == "vector_field" and isinstance(self.model, NetworkOptions) and not separate:
             raise ValueError(f"estimator.name: {self.estimator.name} needs a vector-field model "
                              "(model.backward: separate)")
         cls = ESTIMATORS[self.estimator.name]
@@ -302,32 +351,21 @@ class RunConfig(Strict):
         return self
 
 # -- reading, changing, writing -------------------------------------------------
-def _describe(error: ValidationError) -> str:
-    """The first validation problem as ``key.path: message``."""
-    first = error.errors()[0]
-    loc = [str(part) for part in first["loc"] if part not in ("mlp", "cnn")]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "union_tag_invalid":
-        message = "unknown model kind; choose mlp or cnn"
-        loc.append("kind")
-    field, sep, rest = message.partition(": ")
-    if sep and all(part.isidentifier() for part in field.split(".")):  # a validator naming its field
-        loc.append(field)
-        message = rest
-    key = ".".join(loc)
-    return f"{key}: {message}" if key else message
-
-
 def validate_config(data: dict[str, Any]) -> RunConfig:
-    """Build a :class:`RunConfig` from plain data, or raise a one-line :class:`ConfigError`."""
+    """Build a :class:`RunConfig` from plain data, or raise a one-line :class:`ConfigError`.
+    The modules named in ``plugins`` are imported first (they register what the rest names)."""
     if not isinstance(data, dict):
         raise ConfigError("configuration must be a mapping of sections (model, data, dynamics, ...)")
+    plugins = data.get("plugins") or []
+    if not (isinstance(plugins, list) and all(isinstance(name, str) for name in plugins)):
+        raise ConfigError("invalid configuration: plugins: a list of module names or .py files")
     try:
+        load_plugins(plugins)
         return RunConfig.model_validate(data)
+    except PluginError as error:
+        raise ConfigError(f"invalid configuration: plugins: {error}") from None
     except ValidationError as error:
-        raise ConfigError(f"invalid configuration: {_describe(error)}") from None
+        raise ConfigError(f"invalid configuration: {_first_problem(error, ('function-before',))}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,6 @@ from eqprop.data.dataset import ArrayDataset
 from eqprop.data.errors import DataError
 from eqprop.data.loader import BatchLoader
 from eqprop.data.paths import resolve_data_root
-from eqprop.data.registry import DATASETS, load_dataset
+from eqprop.data.registry import DATASETS, load_dataset, register_dataset
 
-__all__ = ["DATASETS", "ArrayDataset", "BatchLoader", "DataError", "load_dataset", "resolve_data_root"]
+__all__ = ["DATASETS", "ArrayDataset", "BatchLoader", "DataError", "load_dataset", "register_dataset", "resolve_data_root"]

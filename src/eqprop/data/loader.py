@@ -81,7 +81,9 @@ class BatchLoader:
         self.drop_last = drop_last
         self._x = data.x.to(self.device)
         self._y = data.y.to(self.device)
-        self._normalisation = _normalisation(mean, std, data.x.shape[1], dtype, self.device)
+        if augment and data.x.dim() != 4:
+            raise ValueError(f"augment: crops and flips images [N, C, H, W]; these samples are {list(data.x.shape)}")
+        self._normalisation = _normalisation(mean, std, data.x.shape[1], data.x.dim(), dtype, self.device)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -112,7 +114,9 @@ class BatchLoader:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             positions = slice(start, start + self.batch_size)
             indices = order[positions]
-            x = self._x.index_select(0, indices).to(self.dtype).div_(255)
+            x = self._x.index_select(0, indices).to(self.dtype)
+            if self._x.dtype == torch.uint8:
+                x.div_(255)
             if self._normalisation is not None:
                 mean, std = self._normalisation
                 x.sub_(mean).div_(std)
@@ -142,10 +146,13 @@ def _normalisation(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     channels: int,
+    dims: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel mean and std as ``[1, C, 1, 1]`` tensors, or None when both are None."""
+    """Per-channel mean and std shaped to broadcast over samples of ``dims`` dimensions (batch
+    included; ``[1, C, 1, 1]`` for images), or None when both are None. The channel is the
+    samples' first dimension (a feature, for ``[N, D]`` samples)."""
     if mean is None and std is None:
         return None
     if mean is None or std is None:
@@ -156,7 +163,7 @@ def _normalisation(
         )
     if min(std) <= 0:
         raise ValueError(f"std values must be positive, got {list(std)}")
-    shape = (1, channels, 1, 1)
+    shape = (1, channels) + (1,) * (dims - 2)
     return (
         torch.tensor(mean, dtype=dtype, device=device).reshape(shape),
         torch.tensor(std, dtype=dtype, device=device).reshape(shape),

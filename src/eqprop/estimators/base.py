@@ -8,6 +8,7 @@ optimizer applies it. Register a new estimator with :func:`register`.
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..solvers import Solver, SolverStats, build_solver
+from ..targets import one_hot_targets
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,21 @@ class Estimator(ABC):
         self.phases = phases
         self.generator = generator
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Every subclass's own :meth:`estimate` and :meth:`train_step` also take integer class
+        labels: they are encoded as one-hot rows before it runs, so an estimator (a user's too)
+        only ever sees one-hot targets."""
+        super().__init_subclass__(**kwargs)
+        for name in ("estimate", "train_step"):
+            own = cls.__dict__.get(name)
+            if own is not None and not getattr(own, "__isabstractmethod__", False):
+                setattr(cls, name, _accepting_labels(own))
+
     @abstractmethod
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None) -> Estimate:
-        """Run the phases on batch ``x`` with one-hot ``target`` and return ∇̂. The free phase starts
-        from ``start`` (None: the model's initial state; a warm start gives each sample's last
-        steady state)."""
+        """Run the phases on batch ``x`` with ``target`` (one-hot rows ``[B, classes]`` or integer
+        labels ``[B]``) and return ∇̂. The free phase starts from ``start`` (None: the model's initial
+        state; a warm start gives each sample's last steady state)."""
 
     def compile(self, **options: object) -> None:
         """Replace :meth:`estimate` by its ``torch.compile`` d version (phases traced into
@@ -89,7 +101,8 @@ class Estimator(ABC):
 
     def fill_grads(self, model: EnergyModel, x: Tensor, target: Tensor, ascent: bool = False,
                    start: State | None = None) -> Estimate:
-        """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter.
+        """Estimate, then set ``p.grad = -∇̂`` on every trainable parameter (``target``: one-hot rows
+        or integer labels).
 
         With ``ascent``, ``p.grad = ∇̂`` instead, for an optimizer built with
         ``maximize=True``: it then takes the same step without a negation pass
@@ -149,6 +162,18 @@ class Estimator(ABC):
         both, stats = self.phases.nudge_solver()(model, clamped.repeat_batch(2), [torch.cat([s, s]) for s in free],
                                                  self.phases.t2, signs * beta, torch.cat([target, target]))
         return [s[:batch] for s in both], [s[batch:] for s in both], stats
+
+
+def _accepting_labels(method: Callable[..., Estimate]) -> Callable[..., Estimate]:
+    """``method(self, model, x, target, ...)`` with its target passed through
+    :func:`~eqprop.targets.one_hot_targets` (a floating target of x's dtype passes unchanged)."""
+    @functools.wraps(method)
+    def wrapped(self: Estimator, model: EnergyModel, x: Tensor, target: Tensor, *args: object,
+                **kwargs: object) -> Estimate:
+        if not (target.is_floating_point() and target.dtype == x.dtype):
+            target = one_hot_targets(target, model.head.classes, x.dtype)
+        return method(self, model, x, target, *args, **kwargs)
+    return wrapped
 
 
 def head_difference(model: EnergyModel, target: Tensor, first: tuple[State, float],

@@ -58,6 +58,24 @@ class EnergyModel(nn.Module):
     #: ``vector_field_grads``; the vector-field estimators and the GDU check rely on it
     is_vector_field: bool = False
 
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("activation", "head"):
+                raise AttributeError(f"{type(self).__name__} has no {name}: set self.{name} in __init__, or "
+                                     "subclass eqprop.PhiModel, which gives both a default") from None
+            raise
+
+    def forward(self, x: Tensor, steps: int = 30) -> Tensor:
+        """Class scores of ``x`` after ``steps`` steps of the free phase from the initial state
+        (``model(x)``; the papers' plain iteration, under ``torch.no_grad`` unless grad is on)."""
+        clamped = self.clamp(x)
+        state = self.init_state(x)
+        for _ in range(steps):
+            state = self.step(clamped, state)
+        return self.logits(state)
+
     def fast_paths(self) -> frozenset[str]:
         """The fast paths this model's own code allows, by name (none here): ``"c_kernel"``
         (eqprop's C kernel computes its steps, :mod:`eqprop.cpu_kernels`) and

@@ -12,6 +12,7 @@ softmax readout, the readout has moved by one step).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from ..estimators import Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
 from ..solvers import Solver, SolverStats, WarmStart, build_solver
+from ..targets import one_hot_targets
 
 
 class DivergenceError(RuntimeError):
@@ -122,21 +124,57 @@ class SolverTotals:
         return summary
 
 
-def one_hot_rows(classes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ``[classes, classes]`` identity: row y is label y's one-hot target. Indexing it is
-    several times faster than ``F.one_hot(...).to(dtype)``, which also checks the labels' range
-    (the datasets' labels were checked when loaded)."""
-    return torch.eye(classes, dtype=dtype, device=device)
+class _Batches:
+    """The batches of a loader as ``(x, y, one-hot target, indices)`` on the model's device.
+
+    An eqprop :class:`BatchLoader` already builds them there: its labels index the identity
+    matrix (several times faster than ``F.one_hot(...).to(dtype)``, which checks the range: the
+    datasets' labels were checked when loaded). Any other iterable of ``(x, y)`` (a DataLoader)
+    is moved batch by batch, its ``y`` read as labels or one-hot rows
+    (:func:`~eqprop.targets.one_hot_targets`); ``indices`` is None there.
+    """
+
+    def __init__(self, model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.loader = loader
+        self.classes = model.head.classes
+        if isinstance(loader, BatchLoader):
+            self.device, self.dtype = loader.device, loader.dtype
+        else:
+            reference = next(iter(model.trainable_parameters()), None)
+            self.device = reference.device if reference is not None else torch.device("cpu")
+            self.dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        self.count: int | None = len(loader) if isinstance(loader, Sized) else None
+
+    def with_indices(self, indices: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor | None]]:
+        if isinstance(self.loader, BatchLoader):
+            rows = torch.eye(self.classes, dtype=self.dtype, device=self.device)
+            batches = self.loader.with_indices() if indices else ((x, y, None) for x, y in self.loader)
+            for x, y, index in batches:
+                yield x, y, rows[y], index
+            return
+        for batch in self.loader:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError("a loader must yield (x, y) pairs of tensors, "
+                                f"got a {type(batch).__name__}")
+            x, y = (torch.as_tensor(t).to(self.device, non_blocking=True) for t in batch)
+            x = x.to(self.dtype).div_(255) if x.dtype == torch.uint8 else x.to(self.dtype)  # as BatchLoader does
+            target = one_hot_targets(y, self.classes, self.dtype)
+            yield x, target.argmax(dim=1) if y.is_floating_point() else y, target, None
 
 
 def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim.Optimizer,
-                loader: BatchLoader, epoch: int, refresh_every: int = 50,
+                loader: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int, refresh_every: int = 50,
                 show_progress: bool = False, angle_every: int | None = None,
                 angle_bptt_steps: int | str | None = None, bf16_autocast: bool = False,
                 warm_start: WarmStart | None = None) -> EpochStats:
     """Estimate, check and apply the gradient of every batch of ``loader`` once.
 
-    With ``warm_start``, each sample's free phase starts from its steady state of
+    ``loader``: eqprop's :class:`~eqprop.data.BatchLoader` (batches built on the device), or any
+    iterable of ``(x, y)`` batches such as a ``torch.utils.data.DataLoader``: its batches are moved
+    to the model's device and dtype, and ``y`` may be integer labels or one-hot rows.
+
+    With ``warm_start`` (a BatchLoader only), each sample's free phase starts from its steady state of
     the last epoch, and this epoch's steady states are kept for the next.
 
     With ``angle_every``, every that many batches the angle between the
@@ -144,22 +182,24 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     and kept in :attr:`EpochStats.gradient_angles` as ``[batch, degrees]``.
     """
     model.train()
-    totals = _Totals(loader.device)
-    free_totals, nudged_totals = SolverTotals(loader.device), SolverTotals(loader.device)
+    batches = _Batches(model, loader)
+    totals = _Totals(batches.device)
+    free_totals, nudged_totals = SolverTotals(batches.device), SolverTotals(batches.device)
     params = model.trainable_parameters()
     angles: list[list[float]] = []
-    targets = one_hot_rows(model.head.classes, loader.dtype, loader.device)
     start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
+    bar = tqdm(total=batches.count, desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=not show_progress, dynamic_ncols=True)
+    if warm_start is not None and not isinstance(loader, BatchLoader):
+        raise TypeError(f"warm_start: keeps a state per sample of an eqprop BatchLoader, not of a {type(loader).__name__}")
     with bar:
-        batches = loader.with_indices() if warm_start is not None else ((x, y, None) for x, y in loader)
-        for i, (x, y, indices) in enumerate(batches, start=1):
-            target = targets[y]
+        batch_count = 0
+        for i, (x, y, target, indices) in enumerate(batches.with_indices(warm_start is not None), start=1):
+            batch_count = i
             if angle_every and (i - 1) % angle_every == 0:
                 angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
             initial = warm_start.start(model, x, indices) if warm_start is not None else None
-            with torch.autocast(loader.device.type, torch.bfloat16, enabled=bf16_autocast):
+            with torch.autocast(batches.device.type, torch.bfloat16, enabled=bf16_autocast):
                 # the start only where there is one: an estimator of a user may not take it
                 result = estimator.train_step(model, x, target, optimizer,
                                               **({} if initial is None else {"start": initial}))
@@ -171,7 +211,7 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                 free = [s.to(x.dtype) for s in result.free_state]
                 totals.add(model.logits(free), model.head.loss(free[-1], target), y)
             bar.update()
-            if i % refresh_every == 0 or i == len(loader):
+            if i % refresh_every == 0 or i == batches.count:
                 loss, error, finite = _checked(totals, epoch, i)
                 if show_progress:
                     elapsed = time.perf_counter() - start
@@ -181,7 +221,7 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                                     speed=f"{totals.samples / elapsed:.0f}/s", **steps)
     seconds = time.perf_counter() - start
     totals.finite &= torch.isfinite(torch.stack([p.sum() for p in params])).all()  # NaN/inf propagate
-    loss, error, _ = _checked(totals, epoch, len(loader))
+    loss, error, _ = _checked(totals, epoch, batch_count)
     solver = {**free_totals.summary("free"), **nudged_totals.summary("nudged")}
     return EpochStats(loss, error, seconds, totals.samples, angles, solver)
 
@@ -194,18 +234,18 @@ def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, boo
 
 
 @torch.no_grad()
-def evaluate(model: EnergyModel, loader: BatchLoader, solver: Solver | None = None,
+def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], solver: Solver | None = None,
              t1: int = 30) -> tuple[float, float, dict[str, float]]:
-    """Mean loss and error rate of the free steady state over ``loader``, and how it was solved
+    """Mean loss and error rate of the free steady state over ``loader`` (a BatchLoader or any
+    iterable of ``(x, y)`` batches, ``y`` integer labels or one-hot rows), and how it was solved
     (``free_steps`` and the rest of :meth:`SolverTotals.summary`). The free phase runs ``solver``
     (None: the papers' fixed steps) with at most ``t1`` steps."""
     model.eval()
     solver = solver if solver is not None else build_solver("fixed")
-    totals = _Totals(loader.device)
-    phases = SolverTotals(loader.device)
-    targets = one_hot_rows(model.head.classes, loader.dtype, loader.device)
-    for x, y in loader:
-        target = targets[y]
+    batches = _Batches(model, loader)
+    totals = _Totals(batches.device)
+    phases = SolverTotals(batches.device)
+    for x, y, target, _ in batches.with_indices(False):
         clamped = model.clamp(x)
         state, stats = solver(model, clamped, model.init_state(x), t1)
         phases.add(stats)
