@@ -21,7 +21,7 @@ from .models.registry import ModelContext, register_model
 from .presets import load_preset, preset_names
 from .solvers import SolverStats, build_solver, register_solver
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["ArrayDataset", "BatchLoader", "ConfigError", "ESTIMATORS", "EnergyModel", "Estimate", "Estimator",
            "FieldModel", "ModelContext", "ModelSection", "PCNN", "PMLP", "Phases", "PhiModel", "RunConfig",

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._version import __version__
 from .config import ConfigError, RunConfig, apply_override, load_config_file, validate_config
 from .data import DataError
 from .presets import load_preset, preset_names
@@ -62,6 +63,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eqprop", description="Equilibrium Propagation for convergent RNNs.")
+    parser.add_argument("--version", action="version", version=f"eqprop {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a network (default: the offline demo preset)")
@@ -213,6 +215,7 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_gdu(args: argparse.Namespace) -> int:
     from .gdu import gdu_command
+    from .plotting import NO_PLOTS_NOTE, PLOTS_AVAILABLE
     from .training.checkpoint import checkpoint_in
     from .training.trainer import checkpoint_config
 
@@ -238,7 +241,7 @@ def command_gdu(args: argparse.Namespace) -> int:
           f"{'converged' if settings['converged'] else 'not converged'} (residual {settings['free_residual']:.1e})")
     for note in settings["regime_notes"]:
         print(f"note: {note}")
-    print(f"gdu.json and plots in {out_dir}")
+    print(f"gdu.json and plots in {out_dir}" if PLOTS_AVAILABLE else f"gdu.json in {out_dir} ({NO_PLOTS_NOTE})")
     return 0
 
 

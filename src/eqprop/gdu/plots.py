@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.figure import Figure
 import numpy as np
 
 from ..atomic import atomic_write_path
+from ..plotting import Figure
 
 #: how each trace is drawn: (label, style kwargs)
 STYLES = {

@@ -40,6 +40,7 @@ from ..models.base import EnergyModel
 from .bptt_steps import bptt_step_grads
 from .ep_steps import EP_ESTIMATORS, ep_step_updates, symmetric_traces
 from .metrics import angle_deg, layer_metrics
+from ..plotting import PLOTS_AVAILABLE
 from .plots import plot_rmse, plot_traces
 
 #: the defaults of ``eqprop gdu``: the regime where the theorem holds, whatever the preset trains with
@@ -164,8 +165,9 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         atomic_write_text(out / GDU_JSON, json.dumps(_json_safe(report), indent=2) + "\n")
         picks = _pick_units(ref_params, ref_neurons, {**sided, **traces}, param_names, neuron_names,
                             samples, seed)
-        plot_traces(out / TRACES_PNG, picks, k, beta)
-        plot_rmse(out / RMSE_PNG, results)
+        if PLOTS_AVAILABLE:
+            plot_traces(out / TRACES_PNG, picks, k, beta)
+            plot_rmse(out / RMSE_PNG, results)
     return report
 
 

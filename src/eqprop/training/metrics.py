@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure  # imported with the module: a Ctrl-C never lands inside it
-
 from ..atomic import atomic_write_path, atomic_write_text
+from ..plotting import PLOTS_AVAILABLE, Figure
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -39,7 +38,10 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 def plot_curves(out_dir: Path, records: list[dict[str, Any]], title: str) -> None:
     """``curves.png``: train and test error (%) per epoch; ``angles.png``: the W–B^T angle
-    per layer when the metrics have ``angle/...`` entries (vector-field models)."""
+    per layer when the metrics have ``angle/...`` entries (vector-field models). Nothing without
+    matplotlib."""
+    if not PLOTS_AVAILABLE:
+        return
     epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()

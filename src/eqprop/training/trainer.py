@@ -24,6 +24,7 @@ from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..build import Generators
+from ..plotting import NO_PLOTS_NOTE, PLOTS_AVAILABLE
 from ..solvers import WarmStart
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT, CheckpointError, checkpoint_in, config_fingerprint,
@@ -97,7 +98,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
     run = build.build_run(config, data_dir=data_dir, download=download)
-    for note in run.notes:
+    for note in run.notes + ([] if PLOTS_AVAILABLE else [NO_PLOTS_NOTE]):
         log(note)
     model, estimator, optimizer, scheduler = run.model, run.estimator, run.optimizer, run.scheduler
     generators, device, root = run.generators, run.device, run.data_root
