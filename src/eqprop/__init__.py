@@ -23,7 +23,7 @@ from .solvers import SolverStats, build_solver, register_solver
 
 from ._version import __version__
 
-__all__ = ["ArrayDataset", "BatchLoader", "ConfigError", "ESTIMATORS", "EnergyModel", "Estimate", "Estimator",
+__all__ = ["__version__", "ArrayDataset", "BatchLoader", "ConfigError", "ESTIMATORS", "EnergyModel", "Estimate", "Estimator",
            "FieldModel", "ModelContext", "ModelSection", "PCNN", "PMLP", "Phases", "PhiModel", "RunConfig",
            "SolverStats", "build_estimator", "build_solver", "load_preset", "make_activation", "preset_names",
            "record_phase", "register", "register_activation", "register_dataset", "register_model",

@@ -21,6 +21,7 @@ from eqprop.data.errors import DataError
 from eqprop.data.mnist import load_mnist
 from eqprop.data.npz import load_npz
 from eqprop.data.paths import resolve_data_root
+from eqprop.registration import same_definition
 
 SPLITS: tuple[str, ...] = ("train", "test")
 Location = Literal["root", "path", "package"]
@@ -50,7 +51,7 @@ def register_dataset(name: str, load: Callable[[Path | None, str], ArrayDataset]
     """Make a dataset available by ``name`` to configurations (``data.dataset: NAME``).
     ``load(folder, split)`` returns the split as an :class:`ArrayDataset`, raising
     :class:`DataError` with a one-line message when its files are missing or wrong."""
-    if name in DATASETS and DATASETS[name].load is not load:
+    if name in DATASETS and not same_definition(DATASETS[name].load, load):
         raise ValueError(f"dataset {name!r} is already registered")
     DATASETS[name] = DatasetEntry(name, load, location, download)
     return DATASETS[name]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..solvers import Solver, SolverStats, build_solver
+from ..registration import same_definition
 from ..targets import one_hot_targets
 
 
@@ -111,6 +112,7 @@ class Estimator(ABC):
         """
         result = self.estimate(model, x, target) if start is None else self.estimate(model, x, target, start)
         for p, d in zip(model.trainable_parameters(), result.direction):
+            d = d.detach()  # an estimator that ran its phases with autograd on (a user's, say)
             if ascent and d.dtype == p.dtype and d.shape == p.shape and d.stride() == p.stride():
                 p.grad = d  # nothing to copy
                 continue
@@ -208,8 +210,11 @@ E = TypeVar("E", bound=type[Estimator])
 
 
 def register(name: str) -> Callable[[E], E]:
-    """Class decorator: make an estimator available by ``name`` in configs."""
+    """Class decorator: make an estimator available by ``name`` in configs (a name taken by another
+    estimator is refused: a built-in keeps its meaning)."""
     def add(cls: E) -> E:
+        if name in ESTIMATORS and not same_definition(ESTIMATORS[name], cls):
+            raise ValueError(f"estimator {name!r} is already registered")
         cls.name = name
         ESTIMATORS[name] = cls
         return cls

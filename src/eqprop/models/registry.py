@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..config import ModelSection
+from ..registration import same_definition
 from .base import EnergyModel
 from .products import DenseProducts
 
@@ -72,7 +73,7 @@ def register_model(kind: str, schema: type[ModelSection], *, flat_input: bool = 
     ``flat_input``: the data loader hands it ``[B, features]`` (True) or ``[B, C, H, W]``."""
     if not (isinstance(schema, type) and issubclass(schema, ModelSection)):
         raise TypeError(f"model kind {kind!r}: its schema must subclass eqprop.ModelSection")
-    if kind in MODEL_KINDS and MODEL_KINDS[kind].schema is not schema:
+    if kind in MODEL_KINDS and not same_definition(MODEL_KINDS[kind].schema, schema):
         raise ValueError(f"model kind {kind!r} is already registered")
 
     def add(builder: B) -> B:

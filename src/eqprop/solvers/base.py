@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..dynamics import PhaseRunner, run_alternating, run_phase
 from ..models.base import Clamped, EnergyModel, State
+from ..registration import same_definition
 
 Sweep = Literal["synchronous", "alternating"]
 #: the eager runner of each sweep (a backend may replace it by a faster one)
@@ -97,8 +98,11 @@ S = TypeVar("S", bound=type[Solver])
 
 
 def register_solver(name: str) -> Callable[[S], S]:
-    """Class decorator: make a solver available by ``name`` (``solver.name`` in configs)."""
+    """Class decorator: make a solver available by ``name`` (``solver.name`` in configs; a name taken
+    by another solver is refused)."""
     def add(cls: S) -> S:
+        if name in SOLVERS and not same_definition(SOLVERS[name], cls):
+            raise ValueError(f"solver {name!r} is already registered")
         cls.name = name
         SOLVERS[name] = cls
         return cls
