@@ -333,6 +333,16 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     warm_start: WarmStart | None = None
     notes: list[str] = field(default_factory=list)
+    #: what computes the phases: "c_kernel", "cuda_graphs", "compiled" or "eager" (run.json says it)
+    phases_run_in: str = "eager"
+
+
+def _phases_run_in(config: RunConfig, backend: Backend, in_kernel: bool) -> str:
+    if config.train.compile:
+        return "compiled"
+    if isinstance(backend, CudaGraphsBackend):
+        return "cuda_graphs"
+    return "c_kernel" if in_kernel else "eager"
 
 
 def load_split(config: RunConfig, split: str, data_dir: str | Path | None, download: bool,
@@ -369,7 +379,8 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
                           "(its estimate has no start argument)")
     if config.train.compile:
         estimator.compile()
-    run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes)
+    run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes,
+              phases_run_in=_phases_run_in(config, backend, in_kernel))
     if training and optimize:
         run.optimizer = build_optimizer(config.optim, model, ascend=not estimator.moves_weights)
         run.scheduler = build_scheduler(config.schedule, run.optimizer, config.train.epochs)

@@ -300,6 +300,8 @@ class TrainConfig(Strict):
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(
         None, description="every N batches, log the angle between the estimate and BPTT's gradient (costly)")
+    tensorboard: bool = Field(False, description="also write every epoch's numbers as TensorBoard scalars in "
+                                                 "RUN/tensorboard (needs pip install 'eqprop[tensorboard]')")
     stop_at_chance: PositiveInt | None = Field(
         5, description="stop a run (exit status 1) whose training error stays within 3 points of chance level "
                        "for this many epochs in a row: it does not learn (None: never)")

@@ -12,14 +12,14 @@ softmax readout, the readout has moved by one step).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader
-from ..estimators import Estimator
+from ..estimators import Estimate, Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
 from ..solvers import Solver, SolverStats, WarmStart, build_solver
@@ -167,7 +167,8 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                 loader: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int, refresh_every: int = 50,
                 show_progress: bool = False, angle_every: int | None = None,
                 angle_bptt_steps: int | str | None = None, bf16_autocast: bool = False,
-                warm_start: WarmStart | None = None) -> EpochStats:
+                warm_start: WarmStart | None = None,
+                on_batch: Sequence[Callable[[int, int, Estimate], None]] = ()) -> EpochStats:
     """Estimate, check and apply the gradient of every batch of ``loader`` once.
 
     ``loader``: eqprop's :class:`~eqprop.data.BatchLoader` (batches built on the device), or any
@@ -176,6 +177,8 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
 
     With ``warm_start`` (a BatchLoader only), each sample's free phase starts from its steady state of
     the last epoch, and this epoch's steady states are kept for the next.
+
+    ``on_batch``: functions called as ``f(epoch, batch, estimate)`` after each batch's update.
 
     With ``angle_every``, every that many batches the angle between the
     estimate and BPTT's gradient on the batch (before the update) is measured
@@ -207,6 +210,8 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
                 warm_start.keep(indices, result.free_state)
             free_totals.add(result.free_stats)
             nudged_totals.add(result.nudged_stats)
+            for hook in on_batch:
+                hook(epoch, i, result)
             with torch.no_grad():
                 free = [s.to(x.dtype) for s in result.free_state]
                 totals.add(model.logits(free), model.head.loss(free[-1], target), y)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import warnings
 import yaml
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT, CheckpointError, checkpoin
                          load_checkpoint, load_model_state, save_checkpoint)
 from .loop import DivergenceError, evaluate, train_epoch
 from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
+from .callbacks import Callback, TensorBoardLogger
+from .run_info import record_session, session_info
 from .run_lock import RunLock
 
 WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
@@ -53,15 +55,18 @@ def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> R
         raise CheckpointError(f"checkpoint {path} holds an unusable configuration ({error})") from None
 
 
-def train(config: RunConfig, out_dir: Path, *, data_dir: str | Path | None = None, download: bool = False,
-          resume: bool = False, show_progress: bool = False,
-          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def train(config: RunConfig, out_dir: str | Path, *, data_dir: str | Path | None = None, download: bool = False,
+          resume: bool = False, show_progress: bool = False, log: Callable[[str], None] = print,
+          callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
     """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``, up to
     ``config.train.epochs``); return the metrics of every epoch of the run. The folder is locked
-    for the whole run; a resumed run that already reached its target trains nothing."""
+    for the whole run; a resumed run that already reached its target trains nothing.
+    ``callbacks``: a user's hooks, called after every batch and every epoch
+    (:class:`~eqprop.training.callbacks.Callback`)."""
     out_dir = Path(out_dir)
     with RunLock(out_dir):
-        return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log)
+        return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log,
+                             list(callbacks))
 
 
 def finished_message(out_dir: Path, done: int, target: int) -> str:
@@ -79,7 +84,7 @@ def run_fingerprint(out_dir: Path) -> str | None:
 
 
 def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None, download: bool, resume: bool,
-                  show_progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+                  show_progress: bool, log: Callable[[str], None], callbacks: list[Callback]) -> list[dict[str, Any]]:
     checkpoint_path = out_dir / CHECKPOINT
     if not resume and checkpoint_path.exists():
         raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
@@ -114,6 +119,13 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         if run.warm_start is not None:
             _restore_warm_start(run.warm_start, out_dir / WARM_START, first_epoch - 1, device, log)
     atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
+    record_session(out_dir, session_info(device, run.phases_run_in, first_epoch))
+    if config.train.tensorboard:
+        try:
+            callbacks = callbacks + [TensorBoardLogger(out_dir / "tensorboard")]
+        except ImportError as error:
+            raise ConfigError(str(error)) from None
+    on_batch = [c.on_batch for c in callbacks if type(c).on_batch is not Callback.on_batch]
 
     chance = chance_error(run.train_loader.labels)
     for epoch in range(first_epoch, config.train.epochs + 1):
@@ -121,7 +133,8 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
             stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
                                 angle_every=config.train.angle_every,
                                 angle_bptt_steps=config.estimator.bptt_steps,
-                                bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start)
+                                bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start,
+                                on_batch=on_batch)
         except DivergenceError as error:
             raise DivergenceError(f"{error}; {_what_is_kept(out_dir, epoch - 1)}; try smaller learning rates "
                                   "or β") from None
@@ -157,6 +170,8 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s){_steps_text(stats.solver)}")
+        for callback in callbacks:
+            callback.on_epoch(epoch, record)
         warning = collapse_warning(records)
         if warning:
             log(warning)
