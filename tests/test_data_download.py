@@ -39,7 +39,9 @@ class FakeWeb:
         page = self.pages.get(url, URLError("Name or service not known"))
         if isinstance(page, Exception):
             raise page
-        return io.BytesIO(page)
+        response = io.BytesIO(page)
+        response.headers = {"Content-Length": str(len(page))}  # as an http.client response has
+        return response
 
 
 @pytest.fixture

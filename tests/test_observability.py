@@ -1,6 +1,7 @@
 """What a run tells besides its metrics: run.json per session, users' callbacks, TensorBoard."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -47,9 +48,7 @@ def test_run_json_records_each_session(tmp_path):
 
 
 def test_tensorboard_scalars_or_a_one_line_error(tmp_path):
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         from eqprop import ConfigError
         with pytest.raises(ConfigError, match=r"pip install 'eqprop\[tensorboard\]'"):
             train(tiny_config(tensorboard=True), tmp_path / "run", log=lambda _: None)
@@ -60,3 +59,16 @@ def test_tensorboard_scalars_or_a_one_line_error(tmp_path):
     events.Reload()
     test_error = [event.value for event in events.Scalars("test_error")]
     assert test_error == pytest.approx([r["test_error"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")])
+
+
+def test_compare_prints_a_table_and_writes_a_plot(tmp_path, capsys):
+    from eqprop.cli import main
+    for seed in (0, 1):
+        train(validate_config({**tiny_config(epochs=1, seed=seed).model_dump(mode="json"), "name": f"tiny{seed}"}),
+              tmp_path / f"run{seed}", log=lambda _: None)
+    assert main(["compare", str(tmp_path / "run0"), str(tmp_path / "run1"), "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| run | name | epochs | test error |" in out and "tiny0" in out and "tiny1" in out
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert main(["compare", str(tmp_path)]) == 1
+    assert "holds no recorded epoch" in capsys.readouterr().err

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="change a setting of the evaluation, e.g. --set solver.name=anderson (repeatable)")
     _add_data_arguments(evaluate)
+    compare = commands.add_parser("compare", help="several runs side by side: a table and a plot of their curves")
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
+    compare.add_argument("--plot", type=Path, default=Path("compare.png"),
+                         help="where the plot of the test error curves goes (default compare.png)")
     return parser
 
 
@@ -206,7 +210,8 @@ def command_eval(args: argparse.Namespace) -> int:
     for assignment in args.overrides:
         apply_override(overrides, assignment)
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, download=args.download,
-                                 device=args.device, test_subset=args.test_subset, overrides=overrides)
+                                 device=args.device, test_subset=args.test_subset, overrides=overrides,
+                                 show_progress=sys.stderr.isatty())
     print(f"epoch {result['epoch']}: test error {100 * result['test_error']:.2f}%  "
           f"test loss {result['test_loss']:.4f}  ({result['samples']} samples; free phase "
           f"{result['free_steps']:.1f} steps on average, mean residual {result['free_residual']:.2e})")
@@ -289,11 +294,23 @@ class RememberedInterrupt:
         return checked_log
 
 
-COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval, "gdu": command_gdu}
+def command_compare(args: argparse.Namespace) -> int:
+    from .compare import plot, read_run, table
+    from .plotting import NO_PLOTS_NOTE
+
+    runs = [read_run(folder) for folder in args.runs]
+    print(table(runs))
+    print(f"plot: {args.plot}" if plot(runs, args.plot) else f"no plot: {NO_PLOTS_NOTE}")
+    return 0
+
+
+COMMANDS = {"train": command_train, "presets": command_presets, "eval": command_eval, "gdu": command_gdu,
+            "compare": command_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``eqprop`` command; returns the exit status."""
+    from .compare import CompareError
     from .training import CheckpointError, DivergenceError
     from .training.run_lock import RunLockedError
 
@@ -305,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except (UsageError, ConfigError) as error:
         return _fail(error, 2)
-    except (DataError, CheckpointError, DivergenceError, RunLockedError) as error:
+    except (DataError, CheckpointError, DivergenceError, RunLockedError, CompareError) as error:
         return _fail(error, 1)
     except KeyboardInterrupt:
         print("eqprop: interrupted", file=sys.stderr)

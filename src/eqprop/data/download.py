@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import tarfile
 import tempfile
 import zlib
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
+
+from tqdm import tqdm
 
 from eqprop.data.cifar10 import CIFAR10_DIR, CIFAR10_SHA1, decode_cifar10_batch, read_cifar10_file
 from eqprop.data.errors import DataError
@@ -45,7 +46,12 @@ def fetch(url: str, out: BinaryIO) -> None:
     """Stream the body of ``url`` into ``out``; any network failure becomes a one-line DataError."""
     try:
         with urlopen(url, timeout=TIMEOUT_S) as response:
-            shutil.copyfileobj(response, out, _CHUNK_BYTES)
+            size = response.headers.get("Content-Length")
+            with tqdm(total=int(size) if size and size.isdigit() else None, unit="B", unit_scale=True,
+                      desc=url.rsplit("/", 1)[-1], leave=False, disable=None) as bar:  # a bar on terminals only
+                while chunk := response.read(_CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
     except (OSError, HTTPException) as error:
         raise DataError(f"could not download {url}: {_describe(error)}") from None
 

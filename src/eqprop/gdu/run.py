@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..config import ConfigError, RunConfig
@@ -116,7 +117,7 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
                 sided = {name: ep_step_updates(model, x, free, target, beta, k, name)
                          for name in ("one_sided", "one_sided_neg")}
             traces = {}
-            for name in estimators:
+            for name in tqdm(estimators, desc="gdu", unit="estimator", leave=False, disable=None):
                 if name in sided:
                     traces[name] = sided[name]
                 elif name == "symmetric":

@@ -240,7 +240,7 @@ def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, boo
 
 @torch.no_grad()
 def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], solver: Solver | None = None,
-             t1: int = 30) -> tuple[float, float, dict[str, float]]:
+             t1: int = 30, show_progress: bool = False) -> tuple[float, float, dict[str, float]]:
     """Mean loss and error rate of the free steady state over ``loader`` (a BatchLoader or any
     iterable of ``(x, y)`` batches, ``y`` integer labels or one-hot rows), and how it was solved
     (``free_steps`` and the rest of :meth:`SolverTotals.summary`). The free phase runs ``solver``
@@ -250,7 +250,8 @@ def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tens
     batches = _Batches(model, loader)
     totals = _Totals(batches.device)
     phases = SolverTotals(batches.device)
-    for x, y, target, _ in batches.with_indices(False):
+    for x, y, target, _ in tqdm(batches.with_indices(False), total=batches.count, desc="evaluation", unit="batch",
+                                leave=False, disable=not show_progress, dynamic_ncols=True):
         clamped = model.clamp(x)
         state, stats = solver(model, clamped, model.init_state(x), t1)
         phases.add(stats)

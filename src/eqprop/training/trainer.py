@@ -306,7 +306,7 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, download: bool = False,
                         device: str | None = None, test_subset: int | None = None,
-                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                        overrides: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any]:
     """Test loss and error of the model saved in a checkpoint (a file, or a run folder: its
     latest checkpoint), and the free phase's steps. ``overrides``: configuration sections to
     change for the evaluation (e.g. ``{"solver": {"name": "anderson"}}``); the model's own
@@ -326,6 +326,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
     run = build.build_run(validate_config(data), data_dir=data_dir, download=download, training=False,
                           test_subset=test_subset)
     load_model_state(run.model, checkpoint.get("model"), path)
-    loss, error, solver = evaluate(run.model, run.test_loader, run.solvers[0], run.config.dynamics.t1)
+    loss, error, solver = evaluate(run.model, run.test_loader, run.solvers[0], run.config.dynamics.t1,
+                                   show_progress=show_progress)
     return {"epoch": int(checkpoint["epoch"]), "test_loss": loss, "test_error": error,
             "samples": run.test_loader.num_examples, **solver}
