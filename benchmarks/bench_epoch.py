@@ -10,7 +10,8 @@ machine readable.
     python benchmarks/bench_epoch.py --preset laborieux-mnist --data-dir ../shared/data \\
         --variants kernel eager --repeats 3 --json out.json
 
-``--solvers`` times the same variants once per solver setting, each a
+``--busy N`` keeps N other processes busy (one core each) during the runs: a
+default must hold on a loaded machine too. ``--solvers`` times the same variants once per solver setting, each a
 comma-separated list of ``solver`` keys (``fixed``, or e.g.
 ``name=anderson,sweep=alternating,tol=1e-4``), and adds the mean free and
 nudged steps per phase to the table.
@@ -21,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +38,29 @@ from eqprop.training.trainer import train
 
 #: each variant's changes to the preset's ``train`` section
 VARIANTS = {
-    "kernel": {"cpu_kernels": True},
-    "kernel-1-thread": {"cpu_kernels": True, "cpu_kernel_threads": 1},
-    "eager": {"cpu_kernels": False},
+    "auto": {"cpu_kernels": "auto", "threads": "auto"},                          # the default: timed at the start
+    "kernel": {"cpu_kernels": True, "threads": 1},                                # kernel on every core
+    "kernel-1-thread": {"cpu_kernels": True, "cpu_kernel_threads": 1, "threads": 1},
+    "eager": {"cpu_kernels": False, "threads": 1},                                # PyTorch on 1 thread
+    "eager-all-threads": {"cpu_kernels": False, "threads": "auto"},               # PyTorch on every core
 }
+
+
+class BusyProcesses:
+    """``count`` processes that keep one core each busy while the runs are timed (a loaded machine)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "BusyProcesses":
+        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
 
 
 def stolen_seconds() -> float | None:
@@ -73,8 +95,23 @@ def main() -> None:
                         help="solver settings, each 'fixed' or key=value pairs joined by commas")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of the preset for every run (repeatable)")
+    parser.add_argument("--busy", type=int, default=0, help="other processes kept busy during the runs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    with BusyProcesses(args.busy):
+        rows = run_variants(args)
+    print("median epoch seconds: " + ", ".join(
+        f"{variant} {statistics.median(r['epoch_seconds'] for r in rows if r['variant'] == variant):.2f}"
+        for variant in args.variants))
+    if args.json:
+        meta = {"preset": args.preset, "device": args.device, "torch": torch.__version__, "busy": args.busy,
+                "machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count(),
+                "command": "python benchmarks/bench_epoch.py " + " ".join(sys.argv[1:])}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+
+
+def run_variants(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Train each variant and solver ``args.repeats`` times in alternation; one row per epoch."""
     rows = []
     print(f"{'variant':<18}{'solver':<44}{'run':>4}{'epoch':>6}{'seconds':>9}{'steal s':>9}{'test error':>12}"
           f"{'free':>7}{'nudged':>7}")
@@ -88,23 +125,24 @@ def main() -> None:
             config = validate_config(data)
             with tempfile.TemporaryDirectory() as out:
                 before, start = stolen_seconds(), time.perf_counter()
-                records = train(config, Path(out) / "run", data_dir=args.data_dir, log=lambda _: None)
+                notes: list[str] = []
+                records = train(config, Path(out) / "run", data_dir=args.data_dir, log=notes.append)
                 wall = time.perf_counter() - start
                 after = stolen_seconds()
+                chosen = {key: value for key, value in
+                          yaml.safe_load((Path(out) / "run" / "config.yaml").read_text())["train"].items()
+                          if key in ("cpu_kernels", "cpu_kernel_threads", "threads")}
             steal = None if before is None or after is None else after - before
             for record in records:
-                steps = {key: value for key, value in record.items() if key.startswith(("free_", "nudged_"))}
+                steps = {key: value for key, value in record.items()
+                         if key.startswith(("free_", "nudged_")) or key == "cpu_kernel_threads"}
                 rows.append({"variant": variant, "solver": solver, "repeat": repeat, "epoch": record["epoch"],
                              "epoch_seconds": record["epoch_seconds"], "test_error": record["test_error"],
-                             "run_wall_seconds": wall, "run_steal_seconds": steal, **steps})
+                             "run_wall_seconds": wall, "run_steal_seconds": steal, "setting": chosen, **steps})
                 print(f"{variant:<18}{solver:<44}{repeat:>4}{record['epoch']:>6}{record['epoch_seconds']:>9.2f}"
                       f"{'' if steal is None else f'{steal:.2f}':>9}{100 * record['test_error']:>11.2f}%"
                       f"{record.get('free_steps', float('nan')):>7.1f}{record.get('nudged_steps', float('nan')):>7.1f}")
-    if args.json:
-        meta = {"preset": args.preset, "device": args.device, "torch": torch.__version__,
-                "machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count(),
-                "command": "python benchmarks/bench_epoch.py " + " ".join(sys.argv[1:])}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

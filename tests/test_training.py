@@ -16,7 +16,8 @@ from eqprop.training.trainer import BEST_CHECKPOINT, CHECKPOINT
 def small_config(**changes):
     data = load_preset("demo")
     data["data"].update(train_subset=400, test_subset=200)
-    data["train"].update(epochs=2, batch_size=20, threads=1)
+    # these tests compare runs bit for bit: they pin what runs the phases (auto is tested on its own)
+    data["train"].update(epochs=2, batch_size=20, threads=1, cpu_kernels=True)
     data["dynamics"].update(t1=12, t2=4)
     for section, values in changes.items():
         data.setdefault(section, {}).update(values)

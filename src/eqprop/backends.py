@@ -9,9 +9,10 @@ gets PyTorch's eager runner and the run says so in one line.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .cpu_kernels import KernelPhases
+from .cpu_kernels.runner import idle_cores
 from .cuda_graphs import PhaseGraphs
 from .dynamics import PhaseRunner
 from .models.base import EnergyModel
@@ -40,6 +41,9 @@ class Backend:
     def prepare(self, model: EnergyModel) -> None:
         """Build whatever the backend needs for ``model`` before any clock starts."""
 
+    def before_epoch(self) -> None:
+        """Adapt to the machine before an epoch (nothing here)."""
+
 
 class CudaGraphsBackend(Backend):
     """Phases captured once as CUDA graphs and replayed (:class:`~eqprop.cuda_graphs.PhaseGraphs`)."""
@@ -60,9 +64,26 @@ class CpuKernelBackend(Backend):
 
     name = "cpu_kernel"
 
-    def __init__(self, threads: int | None = None) -> None:
-        self.phases = KernelPhases(threads)
-        self._sweeps = {"synchronous": self.phases, "alternating": KernelPhases(threads, "alternating")}
+    def __init__(self, threads: int | Literal["auto"] | None = None) -> None:
+        """``threads``: the kernel's threads; None: every core this process may use; ``"auto"``: the
+        cores other processes leave idle, measured again before every epoch (results do not depend
+        on the count, only speed: on a loaded machine, threads that wait for a busy core at every
+        step lose to fewer threads)."""
+        self.adaptive = threads == "auto"
+        count = idle_cores() if threads == "auto" else threads
+        self.phases = KernelPhases(count)
+        self._sweeps = {"synchronous": self.phases, "alternating": KernelPhases(count, "alternating")}
+
+    @property
+    def threads(self) -> int:
+        """The kernel's threads now."""
+        return self.phases.threads
+
+    def before_epoch(self) -> None:
+        if self.adaptive:
+            count = idle_cores()
+            for phases in self._sweeps.values():
+                phases.set_threads(count)
 
     def runner(self, sweep: Sweep) -> PhaseRunner:
         return self._sweeps[sweep]

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from . import cpu_choice
 from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
 from .cpu_kernels import kernel_runs_model
+from .cpu_kernels.runner import available_cores
 from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .data.registry import dataset_entry
@@ -196,9 +199,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_torch(config: RunConfig) -> torch.device:
-    """Apply thread count and CUDA math settings; return the run's device."""
+    """Apply thread count (``auto`` resolved already: :func:`resolve_cpu_settings`) and CUDA math
+    settings; return the run's device."""
     device = resolve_device(config.train.device)
-    if config.train.threads is not None:
+    if isinstance(config.train.threads, int):
         torch.set_num_threads(config.train.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
@@ -215,6 +219,44 @@ def place_model(model: EnergyModel, config: RunConfig, device: torch.device) -> 
     if channels_last and isinstance(config.model, CNNConfig):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def resolve_cpu_settings(config: RunConfig, device: torch.device) -> tuple[RunConfig, list[str]]:
+    """``config`` with ``train.cpu_kernels`` and ``train.threads`` resolved where they are ``auto``
+    (:mod:`eqprop.cpu_choice`), and a line saying what was measured and chosen."""
+    if not cpu_choice.needs_choice(config):
+        return config, []
+    if device.type != "cpu":  # CUDA: no kernel; torch's threads feed the GPU
+        threads = available_cores() if config.train.threads == "auto" else config.train.threads
+        return cpu_choice.CpuSetting(False, threads).apply(config), []
+    kernel_runs = not config.train.compile and kernel_runs_model(build_model(config))
+    options = cpu_choice.settings(config, available_cores(), kernel_runs)
+    if len(options) == 1:
+        return options[0].apply(config), []
+    try:
+        best, seconds = cpu_choice.choose(options, lambda setting: _training_step(setting.apply(config), device))
+    except Exception:  # a run that cannot take a step: the build that follows says why, in one line
+        return options[0].apply(config), []
+    timings = ", ".join(f"{setting.describe(config)} {1000 * t:.2f} ms" for setting, t in seconds.items())
+    return best.apply(config), [f"CPU setting (train.cpu_kernels auto), a training step of this model: {timings}; "
+                                f"using {best.describe(config)}"]
+
+
+def _training_step(config: RunConfig, device: torch.device) -> Callable[[], object]:
+    """One training step's estimate of ``config``'s model on a random batch (weights unchanged, the
+    run's random streams untouched): what :func:`resolve_cpu_settings` times."""
+    backend = build_backend(config, device)
+    model = place_model(build_model(config, backend=backend), config, device)
+    backend.prepare(model)
+    in_kernel = isinstance(backend, CpuKernelBackend) and kernel_runs_model(model)
+    solvers, _ = build_solvers(config, backend, CHECK_EVERY_IN_KERNEL if in_kernel else CHECK_EVERY)
+    estimator = build_estimator_from(config, torch.Generator().manual_seed(0), solvers)
+    generator = torch.Generator().manual_seed(0)
+    dtype = DTYPES[config.train.dtype]
+    x = torch.rand(config.train.batch_size, model.sizes[0], generator=generator).to(device, dtype)
+    labels = torch.randint(0, model.head.classes, (config.train.batch_size,), generator=generator)
+    target = torch.eye(model.head.classes, dtype=dtype, device=device)[labels]
+    return lambda: estimator.estimate(model, x, target)
 
 
 def build_backend(config: RunConfig, device: torch.device) -> Backend:
@@ -359,7 +401,9 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     ``training`` the training data, the optimizer and the schedule. Every check that needs the built
     objects happens here, so a run that cannot work fails before any epoch with one line
     (:class:`ConfigError`). ``with_data`` False builds no loaders (benchmarks that feed their own
-    batches); ``optimize`` False no optimizer (the GDU check reads training batches only)."""
+    batches); ``optimize`` False no optimizer (the GDU check reads training batches only). The run's
+    ``config`` has ``auto`` CPU settings resolved (:func:`resolve_cpu_settings`)."""
+    config, cpu_notes = resolve_cpu_settings(config, resolve_device(config.train.device))
     device = configure_torch(config)
     test_data, root = (load_split(config, "test", data_dir, download, test_subset or config.data.test_subset)
                        if with_data else (None, None))
@@ -379,7 +423,7 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
                           "(its estimate has no start argument)")
     if config.train.compile:
         estimator.compile()
-    run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=notes,
+    run = Run(config, device, model, backend, solvers, estimator, generators, root, notes=cpu_notes + notes,
               phases_run_in=_phases_run_in(config, backend, in_kernel))
     if training and optimize:
         run.optimizer = build_optimizer(config.optim, model, ascend=not estimator.moves_weights)

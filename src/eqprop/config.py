@@ -278,7 +278,9 @@ class TrainConfig(Strict):
     test_batch_size: PositiveInt = 1000
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: PositiveInt | None = Field(1, description="CPU threads for torch (None: torch's default)")
+    threads: Literal["auto"] | PositiveInt | None = Field(
+        "auto", description="CPU threads for torch (auto: 1 beside the C kernel, which has its own, else every "
+                            "core this process may use; None: torch's default)")
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
     channels_last: Literal["auto", True, False] = Field(
@@ -289,13 +291,17 @@ class TrainConfig(Strict):
     cuda_graphs: bool = Field(True, description="CUDA only: capture each phase once as a CUDA graph and "
                                                 "replay it (one launch per phase instead of one per kernel; "
                                                 "not combined with compile)")
-    cpu_kernels: bool = Field(True, description="CPU: run the phases of fully connected models (P-MLP or VF-MLP, "
-                                                "squared error or softmax readout, sigmoid or hard sigmoid) in "
-                                                "eqprop's C kernel, built on first use with the system's C "
-                                                "compiler; other models, or no compiler: PyTorch")
-    cpu_kernel_threads: Annotated[int, Field(ge=1, le=64)] | None = Field(
-        None, description="threads of the C kernel (at most 64), each taking a share of the batch (None: every "
-                          "core this process may use); PyTorch's own ops keep train.threads")
+    cpu_kernels: Literal["auto"] | bool = Field(
+        "auto", description="CPU: run the phases of fully connected models (P-MLP or VF-MLP, squared error or "
+                            "softmax readout, sigmoid or hard sigmoid) in eqprop's C kernel, built on first use "
+                            "with the system's C compiler (other models, or no compiler: PyTorch); auto: time "
+                            "a few training steps with and without it at the start, keep the faster, and write "
+                            "the choice into the run's config.yaml")
+    cpu_kernel_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] | None = Field(
+        "auto", description="threads of the C kernel (at most 64), each taking a share of the batch (auto: the "
+                            "cores other processes leave idle, measured before every epoch; None: every core "
+                            "this process may use); results do not depend on it; PyTorch's own ops keep "
+                            "train.threads")
     bf16_autocast: bool = Field(False, description="run the phases under bfloat16 autocast (faster on GPUs; "
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(

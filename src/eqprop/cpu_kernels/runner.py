@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class KernelPhases:
         self.unavailable: dict[torch.dtype, str] = {}
         #: a fully connected model's drive and weight gradients on the same kernel and threads
         self.products = KernelProducts(self.kernel_for, self.threads)
+
+    def set_threads(self, threads: int) -> None:
+        """Share the next phases and products among ``threads`` threads. Each thread computes whole
+        samples (phases) or whole output rows (products), so results do not depend on the count."""
+        self.threads = self.products.threads = max(1, min(int(threads), MAX_THREADS))
 
     def __call__(self, model: EnergyModel, clamped: Clamped, state: State, steps: int,
                  beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
@@ -158,6 +164,28 @@ class KernelPhases:
                               residual.data_ptr(), taken.data_ptr(), self.threads)
         check_status(status)
         return final, residual, taken
+
+
+def idle_cores(window: float = 0.1) -> int:
+    """The cores of :func:`available_cores` that other processes leave idle, at least 1: the
+    machine's busy CPU time over ``window`` seconds (``/proc/stat``, the hypervisor's steal
+    included) less this process's own. Where ``/proc/stat`` cannot be read, every available core."""
+    cores = available_cores()
+    try:
+        before, own_before, start = _busy_seconds(), time.process_time(), time.perf_counter()
+        time.sleep(window)
+        after, own_after, elapsed = _busy_seconds(), time.process_time(), time.perf_counter() - start
+    except (OSError, ValueError, IndexError):
+        return cores
+    others = max(0.0, (after - before) - (own_after - own_before)) / elapsed  # cores kept busy by others
+    return max(1, min(cores, round((os.cpu_count() or cores) - others)))
+
+
+def _busy_seconds() -> float:
+    """CPU seconds spent busy so far, all cores together (user, nice, system, irq, softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def available_cores() -> int:

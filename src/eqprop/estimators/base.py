@@ -112,7 +112,8 @@ class Estimator(ABC):
         """
         result = self.estimate(model, x, target) if start is None else self.estimate(model, x, target, start)
         for p, d in zip(model.trainable_parameters(), result.direction):
-            d = d.detach()  # an estimator that ran its phases with autograd on (a user's, say)
+            if d.requires_grad:  # an estimator that ran its phases with autograd on (a user's, say)
+                d = d.detach()
             if ascent and d.dtype == p.dtype and d.shape == p.shape and d.stride() == p.stride():
                 p.grad = d  # nothing to copy
                 continue

@@ -103,6 +103,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
     run = build.build_run(config, data_dir=data_dir, download=download)
+    config = run.config  # with its CPU setting resolved: what config.yaml and the checkpoint keep
     for note in run.notes + ([] if PLOTS_AVAILABLE else [NO_PLOTS_NOTE]):
         log(note)
     model, estimator, optimizer, scheduler = run.model, run.estimator, run.optimizer, run.scheduler
@@ -129,6 +130,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
 
     chance = chance_error(run.train_loader.labels)
     for epoch in range(first_epoch, config.train.epochs + 1):
+        run.backend.before_epoch()
         try:
             stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
                                 angle_every=config.train.angle_every,
@@ -153,6 +155,8 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
             record["gradient_angles"] = stats.gradient_angles
         if run.warm_start is not None:
             record["warm_start_bytes"] = run.warm_start.bytes
+        if run.phases_run_in == "c_kernel":
+            record["cpu_kernel_threads"] = run.backend.threads
         payload = {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "generators": generators.state(), "device": device.type,
