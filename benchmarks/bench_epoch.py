@@ -38,11 +38,11 @@ from eqprop.training.trainer import train
 
 #: each variant's changes to the preset's ``train`` section
 VARIANTS = {
-    "auto": {"cpu_kernels": "auto", "threads": "auto"},                          # the default: timed at the start
-    "kernel": {"cpu_kernels": True, "threads": 1},                                # kernel on every core
-    "kernel-1-thread": {"cpu_kernels": True, "cpu_kernel_threads": 1, "threads": 1},
-    "eager": {"cpu_kernels": False, "threads": 1},                                # PyTorch on 1 thread
-    "eager-all-threads": {"cpu_kernels": False, "threads": "auto"},               # PyTorch on every core
+    "auto": {"cpu_kernels": "auto", "threads": "auto", "cpu_kernel_threads": "auto"},  # the defaults
+    "kernel": {"cpu_kernels": True, "threads": 1, "cpu_kernel_threads": None},   # kernel on every core
+    "kernel-1-thread": {"cpu_kernels": True, "threads": 1, "cpu_kernel_threads": 1},
+    "eager": {"cpu_kernels": False, "threads": 1},                               # PyTorch on 1 thread
+    "eager-all-threads": {"cpu_kernels": False, "threads": os.cpu_count()},      # PyTorch on every core
 }
 
 
@@ -83,10 +83,35 @@ def solver_section(setting: str) -> dict[str, object]:
     return section
 
 
+def summary(paths: list[str]) -> str:
+    """A Markdown table of median epoch seconds per variant (and the range) from result files."""
+    lines = ["| preset | other busy processes | variant | what ran | epoch seconds, median (range) | runs |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta, rows = data["meta"], data["results"]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == variant]
+            seconds = [r["epoch_seconds"] for r in mine]
+            ran = sorted({_what_ran(r) for r in mine})
+            lines.append(f"| {meta['preset']} | {meta.get('busy', 0)} | {variant} | {'; '.join(ran)} | "
+                         f"{statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f}) | {len(seconds)} |")
+    return "\n".join(lines)
+
+
+def _what_ran(row: dict[str, object]) -> str:
+    setting = row.get("setting") or {}
+    if setting.get("cpu_kernels"):
+        return f"kernel, {row.get('cpu_kernel_threads', '?')} thread(s)"
+    return f"PyTorch, {row.get('torch_threads', setting.get('threads', '?'))} thread(s)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summary", nargs="+", metavar="JSON", help="print the table of earlier result files, "
+                                                                     "run nothing")
     parser.add_argument("--preset", default="laborieux-mnist")
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir")
     parser.add_argument("--variants", nargs="+", default=["kernel", "eager"], choices=sorted(VARIANTS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
@@ -98,6 +123,11 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="other processes kept busy during the runs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(args.summary))
+        return
+    if not args.data_dir:
+        parser.error("--data-dir is required to run")
     with BusyProcesses(args.busy):
         rows = run_variants(args)
     print("median epoch seconds: " + ", ".join(
@@ -136,6 +166,7 @@ def run_variants(args: argparse.Namespace) -> list[dict[str, object]]:
             for record in records:
                 steps = {key: value for key, value in record.items()
                          if key.startswith(("free_", "nudged_")) or key == "cpu_kernel_threads"}
+                steps["torch_threads"] = torch.get_num_threads()  # as the run left it
                 rows.append({"variant": variant, "solver": solver, "repeat": repeat, "epoch": record["epoch"],
                              "epoch_seconds": record["epoch_seconds"], "test_error": record["test_error"],
                              "run_wall_seconds": wall, "run_steal_seconds": steal, "setting": chosen, **steps})

@@ -39,9 +39,9 @@ def test_what_auto_chooses_among():
     assert settings(pinned, 4, kernel_runs_model=True) == [CpuSetting(False, 3)]
 
 
-def test_a_convnet_gets_pytorch_on_every_core_without_timing():
+def test_a_convnet_gets_pytorch_on_the_idle_cores_without_timing():
     config, notes = resolve_cpu_settings(validate_config(load_preset("cifar10-small")), torch.device("cpu"))
-    assert config.train.cpu_kernels is False and config.train.threads == available_cores() and notes == []
+    assert config.train.cpu_kernels is False and 1 <= config.train.threads <= available_cores() and notes == []
 
 
 def test_a_run_writes_down_its_choice_and_resumes_with_it(tmp_path):

@@ -29,7 +29,8 @@ def write_config(folder: Path, **changes: object) -> Path:
               "dynamics": {"t1": 12, "t2": 4, "beta": 0.2},
               "estimator": {"name": "symmetric"},
               "optim": {"name": "sgd", "lr": 0.05},
-              "train": {"epochs": 2, "batch_size": 50, "stop_at_chance": None}, **changes}
+              # threads pinned: two fresh runs are compared bit for bit
+              "train": {"epochs": 2, "batch_size": 50, "stop_at_chance": None, "threads": 1}, **changes}
     path = folder / "lateral.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -21,7 +21,7 @@ import torch
 from . import cpu_choice
 from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
 from .cpu_kernels import kernel_runs_model
-from .cpu_kernels.runner import available_cores
+from .cpu_kernels.runner import available_cores, idle_cores
 from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .data.registry import dataset_entry
@@ -230,7 +230,7 @@ def resolve_cpu_settings(config: RunConfig, device: torch.device) -> tuple[RunCo
         threads = available_cores() if config.train.threads == "auto" else config.train.threads
         return cpu_choice.CpuSetting(False, threads).apply(config), []
     kernel_runs = not config.train.compile and kernel_runs_model(build_model(config))
-    options = cpu_choice.settings(config, available_cores(), kernel_runs)
+    options = cpu_choice.settings(config, idle_cores(), kernel_runs)
     if len(options) == 1:
         return options[0].apply(config), []
     try:

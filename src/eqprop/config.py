@@ -279,8 +279,8 @@ class TrainConfig(Strict):
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Literal["auto"] | PositiveInt | None = Field(
-        "auto", description="CPU threads for torch (auto: 1 beside the C kernel, which has its own, else every "
-                            "core this process may use; None: torch's default)")
+        "auto", description="CPU threads for torch (auto: 1 beside the C kernel, which has its own, else the "
+                            "cores other processes leave idle at the start; None: torch's default)")
     dtype: Literal["float32", "float64"] = "float32"
     tf32: bool = Field(True, description="CUDA only: allow TF32 matmuls and convolutions")
     channels_last: Literal["auto", True, False] = Field(

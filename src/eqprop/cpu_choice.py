@@ -2,19 +2,21 @@
 run uses the CPU.
 
 Measured side by side on a 2-core machine (benchmarks/RESULTS.md, "CPU
-defaults"): a Laborieux MNIST epoch is fastest in eqprop's C kernel on both
-cores when the machine is idle and in the kernel on one core beside another
-busy process; PyTorch was slower in both cases. A small ConvNet (which the
-kernel does not run) is 1.8x faster on both cores than on one when idle and no
-slower beside a busy process. Hence:
+defaults"): threads must not outnumber the cores other processes leave idle.
+Beside one busy process, a Laborieux MNIST epoch took 8.8 s in eqprop's C
+kernel on both cores and 4.4 s on one (31.7 s in PyTorch on both); a small
+ConvNet's epoch 12.4 s in PyTorch on both cores and 7.4 s on one. On the idle
+machine both cores were the faster setting for both (2.8 s and 3.9 s, against
+4.5 s and 7.4 s on one). PyTorch was slower than the kernel on the MNIST
+network, idle or loaded. Hence:
 
 - the kernel's threads (``cpu_kernel_threads: auto``) follow the cores other
   processes leave idle (:func:`~eqprop.cpu_kernels.runner.idle_cores`), measured
   before every epoch: its results do not depend on the count;
 - PyTorch's threads (``threads: auto``) are 1 beside the kernel (whose own threads
   do the work; two pools spinning on the same cores slow each other down), else
-  every core this process may use, fixed for the run (PyTorch's reductions may
-  round differently with another count);
+  the idle cores at the start, fixed for the run (PyTorch's reductions may round
+  differently with another count);
 - where the kernel can run the model, ``cpu_kernels: auto`` times a few training
   steps of the run's own model and batch size in the kernel and in PyTorch, in
   alternation, and keeps the kernel unless PyTorch is clearly (10%) faster.
@@ -22,9 +24,9 @@ slower beside a busy process. Hence:
 
 The choice is written into the run's configuration (``config.yaml``, the
 checkpoint: ``--resume`` continues with it) and printed in one line. Two fresh
-runs of one configuration can choose differently on a machine where the two
-are within the timing's noise, and then differ by float rounding: pin
-``train.cpu_kernels`` for runs that must compute the same way everywhere
+runs of one configuration can choose differently (another load, timings within
+the noise) and then differ by float rounding: pin ``train.cpu_kernels`` and
+``train.threads`` for runs that must compute the same way everywhere
 (``--config RUN/config.yaml`` reruns a run's own choice).
 """
 from __future__ import annotations
@@ -73,8 +75,9 @@ def needs_choice(config: RunConfig) -> bool:
     return config.train.cpu_kernels == "auto" or config.train.threads == "auto"
 
 
-def settings(config: RunConfig, cores: int, kernel_runs_model: bool) -> list[CpuSetting]:
-    """The settings to choose among, the kernel's first; ``cores``: those this process may use."""
+def settings(config: RunConfig, idle: int, kernel_runs_model: bool) -> list[CpuSetting]:
+    """The settings to choose among, the kernel's first; ``idle``: the cores other processes leave
+    idle now."""
     t = config.train
     kernel = (t.cpu_kernels is not False) and kernel_runs_model
     pytorch = t.cpu_kernels is not True or not kernel_runs_model
@@ -82,7 +85,7 @@ def settings(config: RunConfig, cores: int, kernel_runs_model: bool) -> list[Cpu
     if kernel:
         options.append(CpuSetting(True, 1 if t.threads == "auto" else t.threads))
     if pytorch:
-        options.append(CpuSetting(False, cores if t.threads == "auto" else t.threads))
+        options.append(CpuSetting(False, idle if t.threads == "auto" else t.threads))
     return options
 
 
