@@ -35,8 +35,9 @@ class BatchLoader:
         device: where batches are built and returned.
         generator: CPU generator for the shuffle order and the augmentation
             draws; None uses PyTorch's global CPU generator.
-        mean, std: per-channel normalisation applied after scaling pixels to
-            [0, 1]: ``(x / 255 - mean) / std``. Both None: plain ``x / 255``.
+        mean: per-channel mean subtracted after scaling pixels to [0, 1]:
+            ``(x / 255 - mean) / std`` (None, with std None: plain ``x / 255``).
+        std: per-channel standard deviation divided by (given with ``mean``).
         augment: random crop from the edge-replicated image padded by
             ``crop_padding`` pixels on each side, then random horizontal flip.
         crop_padding: padding for the random crop (0: flips only).
