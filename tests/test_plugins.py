@@ -145,3 +145,31 @@ def test_integer_labels_give_the_one_hot_estimate():
         assert torch.equal(flat(build_estimator(name, phases), model, x, labels), one_hot), name
     with pytest.raises(ValueError, match=r"targets: labels must lie in \[0, 4\), got 0..7"):
         build_estimator("symmetric", phases).estimate(model, x, torch.tensor([0, 1, 2, 3, 7, 1]))
+
+
+ESTIMATOR_PLUGIN = Path(__file__).parent / "plugins" / "scaled_estimator.py"
+
+
+def test_a_plugin_estimator_takes_its_own_options(tmp_path, capsys):
+    config = write_config(tmp_path, plugins=[str(PLUGIN), str(ESTIMATOR_PLUGIN)],
+                          estimator={"name": "scaled_symmetric"},
+                          train={"epochs": 1, "batch_size": 50, "stop_at_chance": None, "threads": 1})
+    assert main(["train", "--config", str(config), "--set", "estimator.options.scale=0.5", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["estimator"]["options"] == {"scale": 0.5}
+    for setting, message in (("estimator.options.scale=0", "estimator.options.scale: Input should be greater than 0"),
+                             ("estimator.options.shift=1", "estimator.options.shift: unknown key")):
+        assert main(["train", "--config", str(config), "--set", setting, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_plugin_estimators_options_change_its_estimate():
+    load_plugins([str(ESTIMATOR_PLUGIN)])
+    from eqprop.build import build_estimator_from
+    model, x, labels = lateral_model()
+    estimates = []
+    for scale in (1.0, 0.25):
+        config = validate_config({"plugins": [str(ESTIMATOR_PLUGIN)], "dynamics": {"t1": 20, "t2": 5},
+                                  "estimator": {"name": "scaled_symmetric", "options": {"scale": scale}}})
+        estimates.append(flat(build_estimator_from(config, torch.Generator()), model, x, labels))
+    torch.testing.assert_close(estimates[1], 0.25 * estimates[0])

@@ -22,7 +22,8 @@ from . import cpu_choice
 from .backends import Backend, CpuKernelBackend, CudaGraphsBackend
 from .cpu_kernels import kernel_runs_model
 from .cpu_kernels.runner import available_cores, idle_cores
-from .config import CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig
+from .config import (CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, ScheduleConfig, SolverConfig,
+                     validated_options)
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .data.registry import dataset_entry
 from .estimators import Estimator, Phases, estimator_class
@@ -122,7 +123,8 @@ def build_estimator_from(config: RunConfig, generator: torch.Generator,
     phases = Phases(dyn.t1, dyn.t2, dyn.beta, free, nudged)
     cls = estimator_class(config.estimator.name)
     options = {field: getattr(config.estimator, field) for field in cls.config_fields}
-    return cls(phases, generator, **options)
+    own = validated_options(cls, config.estimator.options, f"estimator {cls.name}")
+    return cls(phases, generator, **options, **own)
 
 
 def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = False) -> torch.optim.Optimizer:
@@ -283,7 +285,8 @@ def _solver_options(config: SolverConfig, name: str, check_every: int) -> dict[s
     options = {key: getattr(config, key) for key in solver_class(name).config_fields}
     if "check_every" in options and options["check_every"] is None:
         options["check_every"] = check_every
-    return options
+    return options | (validated_options(solver_class(name), config.options, f"solver {name}")
+                      if name == config.name else {})
 
 
 def build_solvers(config: RunConfig, backend: Backend,

@@ -189,6 +189,8 @@ class EstimatorConfig(Strict):
         None, description="BPTT only: steps to backpropagate through (default T2, 'all' = T1)")
     leak: NonNegativeFloat = Field(0.0, description="KP-VF only: weight leak λ pulling W and B^T together")
     random_sign: bool = Field(False, description="continual estimators: draw the sign of β per batch")
+    options: dict[str, Any] = Field(default_factory=dict, description="the settings of an estimator registered "
+                                                                      "with its own schema (options_schema)")
 
     @model_validator(mode="after")
     def _check(self) -> "EstimatorConfig":
@@ -221,6 +223,8 @@ class SolverConfig(Strict):
                                    "sweep (even then odd layers)")
     warm_start: bool = Field(False, description="training: a sample's free phase starts from its own steady state "
                                                 "of the last epoch (kept in float16 on the run's device)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the settings of a solver registered with "
+                                                                      "its own schema (options_schema), for solver.name")
 
     @model_validator(mode="after")
     def _check(self) -> "SolverConfig":
@@ -230,8 +234,10 @@ class SolverConfig(Strict):
             if value is not None and value not in SOLVERS:
                 raise ValueError(f"{key}: unknown solver {value!r}; choose one of {', '.join(sorted(SOLVERS))}")
         used = {field for name in (self.name, self.nudged_name()) for field in SOLVERS[name].config_fields}
+        validated_options(SOLVERS[self.name], self.options, f"solver {self.name}")
         for key, field in SolverConfig.model_fields.items():
-            if key not in ("name", "nudged", "warm_start") and key not in used and getattr(self, key) != field.default:
+            if key not in ("name", "nudged", "warm_start", "options") and key not in used \
+                    and getattr(self, key) != field.default:
                 raise ValueError(f"{key}: not used by solver {self.name}"
                                  + (f" nor {self.nudged_name()}" if self.nudged_name() != self.name else ""))
         return self
@@ -342,6 +348,7 @@ class RunConfig(Strict):
             raise ValueError(f"estimator.name: {self.estimator.name} needs a vector-field model "
                              "(model.backward: separate)")
         cls = ESTIMATORS[self.estimator.name]
+        validated_options(cls, self.estimator.options, f"estimator {self.estimator.name}", "estimator.options")
         for field, default in (("bptt_steps", None), ("leak", 0.0), ("random_sign", False)):
             if getattr(self.estimator, field) != default and field not in cls.config_fields:
                 raise ValueError(f"estimator.{field}: not used by estimator {self.estimator.name}")
@@ -357,6 +364,20 @@ class RunConfig(Strict):
             raise ValueError("train.compile: compiles the fixed solver's phases only (the other solvers look at "
                              "the residual on the host); use solver.name fixed or turn compile off")
         return self
+
+def validated_options(cls: type, options: dict[str, Any], what: str, key: str = "options") -> dict[str, Any]:
+    """``options`` checked against ``cls.options_schema``, with its defaults filled in (what the
+    constructor gets); a ValueError naming the key when there is no schema or a value is refused."""
+    schema = getattr(cls, "options_schema", None)
+    if schema is None:
+        if options:
+            raise ValueError(f"{key}: {what} takes no options")
+        return options
+    try:
+        return schema.model_validate(options).model_dump(mode="json")
+    except ValidationError as error:
+        raise ValueError(f"{key}.{_first_problem(error)}") from None
+
 
 # -- reading, changing, writing -------------------------------------------------
 def validate_config(data: dict[str, Any]) -> RunConfig:

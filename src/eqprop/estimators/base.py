@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, TypeVar
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
@@ -70,6 +71,9 @@ class Estimator(ABC):
     name: ClassVar[str]
     #: fields of the ``estimator`` configuration section passed to the constructor as keywords
     config_fields: ClassVar[tuple[str, ...]] = ()
+    #: an estimator's own settings: a pydantic model whose fields the configuration gives as
+    #: ``estimator.options`` (validated against it, passed to the constructor as keywords)
+    options_schema: ClassVar[type[BaseModel] | None] = None
     #: which models it can train: "energy" (needs Φ), "vector_field" (needs B), or "any"
     models: ClassVar[str] = "energy"
     #: True if :meth:`train_step` moves the weights itself (plain SGD steps, no optimizer.step())

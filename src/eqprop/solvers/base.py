@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, TypeVar
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 
 from ..dynamics import PhaseRunner, run_alternating, run_phase
@@ -62,6 +63,9 @@ class Solver(ABC):
     sweep: Sweep = "synchronous"
     #: fields of the ``solver`` configuration section passed to the constructor as keywords
     config_fields: ClassVar[tuple[str, ...]] = ()
+    #: a solver's own settings: a pydantic model whose fields the configuration gives as
+    #: ``solver.options`` (for the free phase's solver, ``solver.name``), passed as keywords
+    options_schema: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self, runner: PhaseRunner | None = None) -> None:
         #: ``runner(model, clamped, state, n, beta, target)`` runs n plain steps of :attr:`sweep`
