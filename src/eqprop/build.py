@@ -26,6 +26,7 @@ from .config import (CNNConfig, ConfigError, MLPConfig, OptimConfig, RunConfig, 
                      validated_options)
 from .data import ArrayDataset, BatchLoader, load_dataset, resolve_data_root
 from .data.registry import dataset_entry
+from .distributed import WORLD, World
 from .estimators import Estimator, Phases, estimator_class
 from .models import EnergyModel, PMLP
 from .models.registry import ModelContext, model_kind, register_model
@@ -182,13 +183,15 @@ def subset(data: ArrayDataset, size: int | None) -> ArrayDataset:
 
 
 def build_loader(config: RunConfig, data: ArrayDataset, train: bool, device: torch.device,
-                 generator: torch.Generator | None) -> BatchLoader:
-    """A batch loader on ``device``: shuffled and (if configured) augmented for training."""
+                 generator: torch.Generator | None, world: World = WORLD) -> BatchLoader:
+    """A batch loader on ``device``: shuffled and (if configured) augmented for training; in a
+    distributed run, this rank's share of every (global) batch."""
     d = config.data
     return BatchLoader(data, config.train.batch_size if train else config.train.test_batch_size,
                        shuffle=train, device=device, generator=generator, mean=d.mean, std=d.std,
                        augment=train and d.augment, crop_padding=d.crop_padding,
-                       flatten=model_kind(config.model.kind).flat_input, dtype=DTYPES[config.train.dtype])
+                       flatten=model_kind(config.model.kind).flat_input, dtype=DTYPES[config.train.dtype],
+                       world=world)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,11 +226,22 @@ def place_model(model: EnergyModel, config: RunConfig, device: torch.device) -> 
     return model
 
 
-def resolve_cpu_settings(config: RunConfig, device: torch.device) -> tuple[RunConfig, list[str]]:
+def resolve_cpu_settings(config: RunConfig, device: torch.device, world: World = WORLD) -> tuple[RunConfig, list[str]]:
     """``config`` with ``train.cpu_kernels`` and ``train.threads`` resolved where they are ``auto``
-    (:mod:`eqprop.cpu_choice`), and a line saying what was measured and chosen."""
+    (:mod:`eqprop.cpu_choice`), and a line saying what was measured and chosen. The processes of
+    a distributed run on the CPU decide alike without timing: the kernel where it runs the model,
+    the cores shared evenly among the processes of a machine."""
     if not cpu_choice.needs_choice(config):
         return config, []
+    if world.distributed and device.type == "cpu":
+        share = max(1, available_cores() // world.local_size)
+        kernel = config.train.cpu_kernels if config.train.cpu_kernels != "auto" else \
+            (not config.train.compile and kernel_runs_model(build_model(config)))
+        threads = config.train.threads if config.train.threads != "auto" else (1 if kernel else share)
+        train = config.train.model_copy(update={"cpu_kernels": kernel, "threads": threads, "cpu_kernel_threads":
+                                                share if config.train.cpu_kernel_threads == "auto"
+                                                else config.train.cpu_kernel_threads})
+        return config.model_copy(update={"train": train}), []
     if device.type != "cpu":  # CUDA: no kernel; torch's threads feed the GPU
         threads = available_cores() if config.train.threads == "auto" else config.train.threads
         return cpu_choice.CpuSetting(False, threads).apply(config), []
@@ -333,9 +347,13 @@ class Generators:
     model: torch.Generator      # dropout masks (on the model's device)
 
     @classmethod
-    def seeded(cls, seed: int, device: torch.device) -> "Generators":
+    def seeded(cls, seed: int, device: torch.device, rank: int = 0) -> "Generators":
+        """The run's streams; the data order and the estimator's draws are the same on every rank of
+        a distributed run (the global batch's), the dropout masks are drawn per rank (each for its
+        own share of the batch) from a seed of the run's seed and the rank."""
+        model_seed = cls.model_seed(seed) + (1_000_003 * rank if rank else 0)
         return cls(torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
-                   torch.Generator(device=device).manual_seed(cls.model_seed(seed)))
+                   torch.Generator(device=device).manual_seed(model_seed))
 
     @staticmethod
     def model_seed(seed: int, epoch: int = 0) -> int:
@@ -397,21 +415,38 @@ def load_split(config: RunConfig, split: str, data_dir: str | Path | None, downl
     return subset(load_dataset(config.data.dataset, split, root, download, config.data.path), size), root
 
 
+def check_distributed(config: RunConfig, world: World, estimator: Estimator) -> None:
+    """Refuse, in one line, what a distributed run cannot do."""
+    if not world.distributed:
+        return
+    if config.train.batch_size % world.size:
+        raise ConfigError(f"train.batch_size: the global batch of {config.train.batch_size} does not split evenly "
+                          f"across {world.size} processes")
+    if estimator.moves_weights:
+        raise ConfigError(f"estimator.name: {estimator.name} moves the weights at every step of the nudged phase "
+                          "from the batch's mean update; across processes that would need an all-reduce per "
+                          "step, which eqprop does not do: train it in one process")
+    if config.solver.warm_start:
+        raise ConfigError("solver.warm_start: keeps each sample's state on the process that saw it last; "
+                          "a distributed run gives a sample to another process each epoch")
+
+
 def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download: bool = False,
               training: bool = True, test_subset: int | None = None, with_data: bool = True,
-              optimize: bool = True) -> Run:
+              optimize: bool = True, world: World = WORLD) -> Run:
     """Build the run ``config`` describes: device, backend, model, solvers, estimator, data, and for
     ``training`` the training data, the optimizer and the schedule. Every check that needs the built
     objects happens here, so a run that cannot work fails before any epoch with one line
     (:class:`ConfigError`). ``with_data`` False builds no loaders (benchmarks that feed their own
     batches); ``optimize`` False no optimizer (the GDU check reads training batches only). The run's
-    ``config`` has ``auto`` CPU settings resolved (:func:`resolve_cpu_settings`)."""
-    config, cpu_notes = resolve_cpu_settings(config, resolve_device(config.train.device))
+    ``config`` has ``auto`` CPU settings resolved (:func:`resolve_cpu_settings`). ``world``: this
+    process's place in a distributed run (:mod:`eqprop.distributed`)."""
+    config, cpu_notes = resolve_cpu_settings(config, resolve_device(config.train.device), world)
     device = configure_torch(config)
     test_data, root = (load_split(config, "test", data_dir, download, test_subset or config.data.test_subset)
                        if with_data else (None, None))
     backend = build_backend(config, device)
-    generators = Generators.seeded(config.train.seed, device)
+    generators = Generators.seeded(config.train.seed, device, world.rank)
     model = build_model(config, backend=backend, dropout_generator=generators.model)
     if test_data is not None:
         check_model_fits_data(config, model, test_data)
@@ -421,6 +456,7 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
     solvers, notes = build_solvers(config, backend, CHECK_EVERY_IN_KERNEL if in_kernel else CHECK_EVERY)
     estimator = build_estimator_from(config, generators.estimator, solvers)
     check_estimator_fits_model(estimator, model)
+    check_distributed(config, world, estimator)
     if config.solver.warm_start and "start" not in inspect.signature(estimator.estimate).parameters:
         raise ConfigError(f"solver.warm_start: estimator {estimator.name} takes no start state "
                           "(its estimate has no start argument)")
@@ -433,10 +469,10 @@ def build_run(config: RunConfig, *, data_dir: str | Path | None = None, download
         run.scheduler = build_scheduler(config.schedule, run.optimizer, config.train.epochs)
     if with_data:
         try:
-            run.test_loader = build_loader(config, test_data, False, device, None)
+            run.test_loader = build_loader(config, test_data, False, device, None, world)
             if training:
                 train_data, _ = load_split(config, "train", data_dir, download, config.data.train_subset)
-                run.train_loader = build_loader(config, train_data, True, device, generators.data)
+                run.train_loader = build_loader(config, train_data, True, device, generators.data, world)
                 if config.solver.warm_start:
                     run.warm_start = WarmStart(len(train_data))
         except ValueError as error:

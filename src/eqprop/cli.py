@@ -22,7 +22,9 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .config import ConfigError, RunConfig, apply_override, load_config_file, validate_config
+from .build import resolve_device
 from .data import DataError
+from .distributed import DistributedError, initialize, shutdown, world_from_environment
 from .presets import load_preset, preset_names
 
 DEFAULT_PRESET = "demo"
@@ -165,17 +167,29 @@ def command_train(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(args)
         out_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"eqprop train: {config.name} -> {out_dir}", flush=True)
+    world = world_from_environment()
+    if world.distributed:
+        if args.out is None and args.resume is None:
+            raise UsageError("a distributed run needs --out (or --resume): every process must name the same folder")
+        initialize(world, resolve_device(config.train.device).type, config.train.dist_timeout)
+    if world.is_main:
+        print(f"eqprop train: {config.name} -> {out_dir}", flush=True)
     try:
         with RememberedInterrupt() as interrupt:
             try:
                 records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
                                 resume=args.resume is not None, log=interrupt.checked(print),
-                                show_progress=not args.no_progress and sys.stderr.isatty())
-            except Exception:
+                                show_progress=not args.no_progress and sys.stderr.isatty(), world=world)
+            except Exception as error:
                 if interrupt.seen:  # what a swallowed or converted Ctrl-C left behind
                     raise KeyboardInterrupt from None
+                if world.distributed and type(error) is RuntimeError:  # a collective that failed: a peer died
+                    raise DistributedError(f"rank {world.rank} of {world.size} lost its peers: "
+                                           f"{_first_line(error)}; the last checkpoint in {out_dir} is intact: "
+                                           f"continue with --resume {out_dir}") from None
                 raise
+            finally:
+                shutdown()
     except KeyboardInterrupt:
         how = "terminated" if interrupt.signal == signal.SIGTERM else "interrupted"
         try:
@@ -189,7 +203,7 @@ def command_train(args: argparse.Namespace) -> int:
         else:
             print(f"eqprop: {how} before the first epoch ended; nothing was saved", file=sys.stderr)
         return 143 if interrupt.signal == signal.SIGTERM else 130
-    if records:
+    if records and world.is_main:
         last = records[-1]
         print(f"done: test error {100 * last['test_error']:.2f}% after epoch {last['epoch']}; outputs in {out_dir}")
     return 0
@@ -322,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except (UsageError, ConfigError) as error:
         return _fail(error, 2)
-    except (DataError, CheckpointError, DivergenceError, RunLockedError, CompareError) as error:
+    except (DataError, CheckpointError, DivergenceError, RunLockedError, CompareError, DistributedError) as error:
         return _fail(error, 1)
     except KeyboardInterrupt:
         print("eqprop: interrupted", file=sys.stderr)
@@ -356,7 +370,9 @@ def _first_line(error: object) -> str:
 
 
 def _fail(error: object, status: int) -> int:
-    print(f"eqprop: error: {_first_line(error)}", file=sys.stderr)
+    world = world_from_environment()
+    who = f"eqprop (rank {world.rank})" if world.distributed else "eqprop"
+    print(f"{who}: error: {_first_line(error)}", file=sys.stderr)
     return status
 
 

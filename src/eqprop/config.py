@@ -312,6 +312,9 @@ class TrainConfig(Strict):
                                                    "EP's finite differences lose precision)")
     angle_every: PositiveInt | None = Field(
         None, description="every N batches, log the angle between the estimate and BPTT's gradient (costly)")
+    dist_timeout: PositiveFloat = Field(300.0, description="distributed runs: seconds a process waits for its "
+                                                          "peers (the rendezvous, every collective) before the run "
+                                                          "ends with one line")
     tensorboard: bool = Field(False, description="also write every epoch's numbers as TensorBoard scalars in "
                                                  "RUN/tensorboard (needs pip install 'eqprop[tensorboard]')")
     stop_at_chance: PositiveInt | None = Field(

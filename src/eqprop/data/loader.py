@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from eqprop.data.dataset import ArrayDataset
+from eqprop.distributed import WORLD, World
 
 
 class BatchLoader:
@@ -45,6 +46,9 @@ class BatchLoader:
             instead of ``[B, C, H, W]``.
         dtype: floating dtype of the returned images.
         drop_last: skip the final batch if it is smaller than ``batch_size``.
+        world: the run's processes (:mod:`eqprop.distributed`): each yields its share of every
+            batch of ``batch_size`` (the global batch), the order and augmentation drawn for
+            the whole dataset on every rank alike, so they do not depend on the world size.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class BatchLoader:
         flatten: bool = False,
         dtype: torch.dtype = torch.float32,
         drop_last: bool = False,
+        world: World = WORLD,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -80,6 +85,7 @@ class BatchLoader:
         self.flatten = flatten
         self.dtype = dtype
         self.drop_last = drop_last
+        self.world = world
         self._x = data.x.to(self.device)
         self._y = data.y.to(self.device)
         if augment and data.x.dim() != 4:
@@ -95,6 +101,10 @@ class BatchLoader:
     def num_examples(self) -> int:
         """Number of examples in the dataset (including any dropped by ``drop_last``)."""
         return self._y.shape[0]
+
+    def global_size(self, batch: int) -> int:
+        """The number of samples of batch ``batch`` (from 1) over all ranks."""
+        return min(self.batch_size, self.num_examples - (batch - 1) * self.batch_size)
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -113,7 +123,9 @@ class BatchLoader:
         order = self._draw_order()
         crops = self._draw_augmentation() if self.augment else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            positions = slice(start, start + self.batch_size)
+            count = min(self.batch_size, self.num_examples - start)
+            share = self.world.share(count)
+            positions = slice(start + share.start, start + share.stop)  # this rank's share of the batch
             indices = order[positions]
             x = self._x.index_select(0, indices).to(self.dtype)
             if self._x.dtype == torch.uint8:

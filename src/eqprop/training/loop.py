@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader
+from ..distributed import WORLD, World
 from ..estimators import Estimate, Estimator
 from ..gdu import gradient_angle
 from ..models import EnergyModel
@@ -57,11 +58,12 @@ class _Totals:
     MNIST preset on the development CPU).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world: World = WORLD) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.errors = torch.zeros((), dtype=torch.int64, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.samples = 0
+        self.world = world
         self._losses: list[torch.Tensor] = []
         self._mistakes: list[torch.Tensor] = []
 
@@ -72,7 +74,8 @@ class _Totals:
         self.samples += y.shape[0]
 
     def read(self) -> tuple[float, float, bool]:
-        """Host copies of mean loss, error rate and finiteness (one synchronisation)."""
+        """Host copies of mean loss, error rate and finiteness (one synchronisation), over every
+        rank of a distributed run (one all-reduce: every rank reads at the same batches)."""
         if self._losses:
             losses = torch.cat(self._losses)
             self.loss += losses.sum(dtype=torch.float64)
@@ -80,9 +83,13 @@ class _Totals:
             self.finite &= torch.isfinite(losses).all()
             self._losses.clear()
             self._mistakes.clear()
-        loss, errors, finite = self.loss.item(), self.errors.item(), bool(self.finite.item())
-        n = max(self.samples, 1)
-        return loss / n, errors / n, finite
+        sums = torch.stack([self.loss, self.errors.double(), torch.tensor(float(self.samples), dtype=torch.float64,
+                                                                          device=self.loss.device),
+                            (~self.finite).double()])
+        loss, errors, samples, non_finite = self.world.sum_(sums).tolist()
+        self.all_samples = int(samples)  # every rank's
+        n = max(samples, 1)
+        return loss / n, errors / n, non_finite == 0
 
 
 class SolverTotals:
@@ -186,7 +193,10 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     """
     model.train()
     batches = _Batches(model, loader)
-    totals = _Totals(batches.device)
+    world = loader.world if isinstance(loader, BatchLoader) else WORLD
+    totals = _Totals(batches.device, world)
+    if world.distributed:
+        optimizer = _AveragingOptimizer(optimizer, world, model.trainable_parameters())
     free_totals, nudged_totals = SolverTotals(batches.device), SolverTotals(batches.device)
     params = model.trainable_parameters()
     angles: list[list[float]] = []
@@ -199,6 +209,14 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
         batch_count = 0
         for i, (x, y, target, indices) in enumerate(batches.with_indices(warm_start is not None), start=1):
             batch_count = i
+            if world.distributed:
+                optimizer.weight = x.shape[0] / loader.global_size(i)
+                if x.shape[0] == 0:  # a share of nothing (a last batch smaller than the world) adds zeros
+                    optimizer.step_with_zeros()
+                    bar.update()
+                    if i % refresh_every == 0 or i == batches.count:
+                        _checked(totals, epoch, i)
+                    continue
             if angle_every and (i - 1) % angle_every == 0:
                 angles.append([i, gradient_angle(model, estimator, x, target, angle_bptt_steps)])
             initial = warm_start.start(model, x, indices) if warm_start is not None else None
@@ -228,7 +246,33 @@ def train_epoch(model: EnergyModel, estimator: Estimator, optimizer: torch.optim
     totals.finite &= torch.isfinite(torch.stack([p.sum() for p in params])).all()  # NaN/inf propagate
     loss, error, _ = _checked(totals, epoch, batch_count)
     solver = {**free_totals.summary("free"), **nudged_totals.summary("nudged")}
-    return EpochStats(loss, error, seconds, totals.samples, angles, solver)
+    return EpochStats(loss, error, seconds, totals.all_samples, angles, solver)
+
+
+class _AveragingOptimizer:
+    """An optimizer of a distributed run: before each step, the ranks' gradients become their mean
+    over the global batch (each weighted by its share, :attr:`weight`), in one all-reduce."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, world: World, params: list[torch.nn.Parameter]) -> None:
+        self.optimizer, self.world, self.params = optimizer, world, params
+        self.weight = 1.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        self.world.weighted_sum_([p.grad for p in self.params], self.weight)
+        self.optimizer.step()
+
+    def step_with_zeros(self) -> None:
+        """This rank's share of the batch is empty: it takes part in the all-reduce with zeros."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        self.step()
 
 
 def _checked(totals: _Totals, epoch: int, batch: int) -> tuple[float, float, bool]:
@@ -248,10 +292,12 @@ def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tens
     model.eval()
     solver = solver if solver is not None else build_solver("fixed")
     batches = _Batches(model, loader)
-    totals = _Totals(batches.device)
+    totals = _Totals(batches.device, loader.world if isinstance(loader, BatchLoader) else WORLD)
     phases = SolverTotals(batches.device)
     for x, y, target, _ in tqdm(batches.with_indices(False), total=batches.count, desc="evaluation", unit="batch",
                                 leave=False, disable=not show_progress, dynamic_ncols=True):
+        if x.shape[0] == 0:  # a rank's empty share of a small last batch
+            continue
         clamped = model.clamp(x)
         state, stats = solver(model, clamped, model.init_state(x), t1)
         phases.add(stats)

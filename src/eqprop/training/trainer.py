@@ -24,6 +24,7 @@ from .. import build
 from ..atomic import atomic_write_text
 from ..alignment import backward_angles
 from ..build import Generators
+from ..distributed import WORLD, World
 from ..plotting import NO_PLOTS_NOTE, PLOTS_AVAILABLE
 from ..solvers import WarmStart
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
@@ -57,16 +58,21 @@ def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> R
 
 def train(config: RunConfig, out_dir: str | Path, *, data_dir: str | Path | None = None, download: bool = False,
           resume: bool = False, show_progress: bool = False, log: Callable[[str], None] = print,
-          callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+          callbacks: Sequence[Callback] = (), world: World = WORLD) -> list[dict[str, Any]]:
     """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``, up to
     ``config.train.epochs``); return the metrics of every epoch of the run. The folder is locked
     for the whole run; a resumed run that already reached its target trains nothing.
     ``callbacks``: a user's hooks, called after every batch and every epoch
-    (:class:`~eqprop.training.callbacks.Callback`)."""
+    (:class:`~eqprop.training.callbacks.Callback`). ``world``: this process's place in a
+    distributed run (:mod:`eqprop.distributed`); only rank 0 reads and writes the folder, logs and
+    calls the callbacks."""
     out_dir = Path(out_dir)
+    if not world.is_main:
+        return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, False,
+                             lambda _: None, [], world)
     with RunLock(out_dir):
         return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log,
-                             list(callbacks))
+                             list(callbacks), world)
 
 
 def finished_message(out_dir: Path, done: int, target: int) -> str:
@@ -83,45 +89,73 @@ def run_fingerprint(out_dir: Path) -> str | None:
     return config_fingerprint(stored) if isinstance(stored, dict) else None
 
 
-def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None, download: bool, resume: bool,
-                  show_progress: bool, log: Callable[[str], None], callbacks: list[Callback]) -> list[dict[str, Any]]:
+def _opening(config: RunConfig, out_dir: Path, resume: bool,
+             log: Callable[[str], None]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """What the run folder holds for this run: the checkpoint to resume (None: a fresh run) and the
+    recorded epochs (all of them for a finished run, which then trains nothing)."""
     checkpoint_path = out_dir / CHECKPOINT
     if not resume and checkpoint_path.exists():
         raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
                           "or choose another --out")
-    checkpoint = load_checkpoint(checkpoint_path, run_fingerprint(out_dir)) if resume else None
-    if checkpoint is not None:
-        _check_resumable(checkpoint, config, checkpoint_path)
-        done, target = int(checkpoint["epoch"]), config.train.epochs
-        stored_target = int(checkpoint["config"]["train"]["epochs"])
-        if done >= target:
-            log(finished_message(out_dir, done, target))
-            return read_metrics(out_dir / METRICS)[:done]
-        if target != stored_target:
-            log(f"the target of {out_dir} changes from {stored_target} to {target} epochs")
+    if not resume:
+        return None, []
+    checkpoint = load_checkpoint(checkpoint_path, run_fingerprint(out_dir))
+    _check_resumable(checkpoint, config, checkpoint_path)
+    done, target = int(checkpoint["epoch"]), config.train.epochs
+    stored_target = int(checkpoint["config"]["train"]["epochs"])
+    records = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] <= done]
+    if done >= target:
+        log(finished_message(out_dir, done, target))
+        return None, records
+    if target != stored_target:
+        log(f"the target of {out_dir} changes from {stored_target} to {target} epochs")
+    return checkpoint, records
+
+
+def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None, download: bool, resume: bool,
+                  show_progress: bool, log: Callable[[str], None], callbacks: list[Callback],
+                  world: World) -> list[dict[str, Any]]:
+    checkpoint_path = out_dir / CHECKPOINT
+    # rank 0 reads the folder; every rank gets what it read, or the error it met
+    try:
+        opened: Any = _opening(config, out_dir, resume, log) if world.is_main else None
+    except (ConfigError, CheckpointError) as error:
+        opened = error
+    opened = world.broadcast(opened)
+    if isinstance(opened, Exception):
+        raise opened
+    checkpoint, records = opened
+    if resume and checkpoint is None:
+        return records  # finished
 
     if checkpoint is not None and data_dir is None:
         data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
-    run = build.build_run(config, data_dir=data_dir, download=download)
+    run = build.build_run(config, data_dir=data_dir, download=download, world=world)
     config = run.config  # with its CPU setting resolved: what config.yaml and the checkpoint keep
     for note in run.notes + ([] if PLOTS_AVAILABLE else [NO_PLOTS_NOTE]):
         log(note)
     model, estimator, optimizer, scheduler = run.model, run.estimator, run.optimizer, run.scheduler
     generators, device, root = run.generators, run.device, run.data_root
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
+    main = world.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     first_epoch = 1
     if checkpoint is not None:
         first_epoch = _restore(checkpoint, checkpoint_path, model, optimizer, scheduler, generators, device) + 1
-        records = [r for r in read_metrics(out_dir / METRICS) if r["epoch"] < first_epoch]
-        write_metrics(out_dir / METRICS, records)
+        records = [r for r in records if r["epoch"] < first_epoch]
+        if main:
+            write_metrics(out_dir / METRICS, records)
         log(f"resuming {out_dir} after epoch {first_epoch - 1}")
         if run.warm_start is not None:
             _restore_warm_start(run.warm_start, out_dir / WARM_START, first_epoch - 1, device, log)
-    atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
-    record_session(out_dir, session_info(device, run.phases_run_in, first_epoch))
-    if config.train.tensorboard:
+    if world.distributed:
+        log(f"distributed: {world.size} processes, {config.train.batch_size // world.size} samples each of every "
+            f"batch of {config.train.batch_size}; learning rates {[g['lr'] for g in optimizer.param_groups]}")
+    if main:
+        atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
+        record_session(out_dir, session_info(device, run.phases_run_in, first_epoch) | {"world_size": world.size})
+    if config.train.tensorboard and main:
         try:
             callbacks = callbacks + [TensorBoardLogger(out_dir / "tensorboard")]
         except ImportError as error:
@@ -131,6 +165,8 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
     chance = chance_error(run.train_loader.labels)
     for epoch in range(first_epoch, config.train.epochs + 1):
         run.backend.before_epoch()
+        if world.distributed:  # each rank's dropout stream, from the seed, its rank and the epoch alone
+            generators.model.manual_seed(Generators.model_seed(config.train.seed, epoch) + 1_000_003 * world.rank)
         try:
             stats = train_epoch(model, estimator, optimizer, run.train_loader, epoch, show_progress=show_progress,
                                 angle_every=config.train.angle_every,
@@ -161,16 +197,18 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "generators": generators.state(), "device": device.type,
                    "data_dir": None if root is None else str(root)}
-        # metrics, then the best, then the checkpoint: a crash in between leaves files that
-        # resume redoes identically (it drops metrics lines after the checkpoint's epoch)
-        append_metrics(out_dir / METRICS, record)
-        if run.warm_start is not None:  # before the checkpoint: resume then finds the states of its epoch
-            save_checkpoint(out_dir / WARM_START, {"epoch": epoch, "warm_start": run.warm_start.state_dict()})
-        if all(test_error < r["test_error"] for r in records):
-            save_checkpoint(out_dir / BEST_CHECKPOINT, payload)
-        save_checkpoint(checkpoint_path, payload)
+        if main:
+            # metrics, then the best, then the checkpoint: a crash in between leaves files that
+            # resume redoes identically (it drops metrics lines after the checkpoint's epoch)
+            append_metrics(out_dir / METRICS, record)
+            if run.warm_start is not None:  # before the checkpoint: resume then finds the states of its epoch
+                save_checkpoint(out_dir / WARM_START, {"epoch": epoch, "warm_start": run.warm_start.state_dict()})
+            if all(test_error < r["test_error"] for r in records):
+                save_checkpoint(out_dir / BEST_CHECKPOINT, payload)
+            save_checkpoint(checkpoint_path, payload)
         records.append(record)
-        plot_curves(out_dir, records, config.name)
+        if main:
+            plot_curves(out_dir, records, config.name)
         log(f"epoch {epoch}/{config.train.epochs}  train loss {stats.loss:.4f}  train error "
             f"{100 * stats.error:.2f}%  test error {100 * test_error:.2f}%  "
             f"{stats.seconds:.1f} s ({stats.samples_per_second:.0f} samples/s){_steps_text(stats.solver)}")
