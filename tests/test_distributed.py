@@ -130,3 +130,12 @@ def test_what_a_distributed_run_cannot_do_is_refused_in_one_line(tmp_path):
                           env=environment())
     assert done.returncode != 0
     assert "train.batch_size: the global batch of 15 does not split evenly across 2 processes" in done.stderr
+
+
+def test_a_configuration_with_resume_starts_the_run_once_then_continues_it(tmp_path):
+    """What torchrun's elastic restarts need: one command that starts a run and later continues it."""
+    config = write_config(tmp_path, "symmetric", epochs=1)
+    first = eqprop("train", "--config", str(config), "--resume", str(tmp_path / "run"))
+    assert "epoch 1/1" in first.stdout
+    again = eqprop("train", "--config", str(config), "--resume", str(tmp_path / "run"), "--epochs", "2")
+    assert "resuming" in again.stdout and "epoch 2/2" in again.stdout

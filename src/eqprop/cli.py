@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="CPU threads for torch (train.threads)")
     _add_data_arguments(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/NAME-TIMESTAMP)")
-    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR (with --config or "
+                                                                  "--preset: start it there if DIR holds none yet)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("presets", help="list the presets, one line each")
@@ -153,6 +154,10 @@ def command_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError, load_checkpoint
     from .training.trainer import CHECKPOINT, checkpoint_config, finished_message, run_fingerprint, train
 
+    if args.resume is not None and not (args.resume / CHECKPOINT).exists() and (args.config or args.preset):
+        # a configuration and a folder without a run yet: start it there (what a command that torchrun's
+        # elastic restarts repeat needs: it starts the run once and continues it afterwards)
+        args.out, args.resume = args.resume, None
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise UsageError("--resume continues in its own folder; leave out --out")
