@@ -11,7 +11,8 @@ every record next to the paper's figure; a row without a record says
 
     python benchmarks/reproduction.py record benchmarks/reproduction/ep-2h \\
         --command "eqprop train --preset ep-2h --data-dir DATA --out benchmarks/reproduction/ep-2h"
-    python benchmarks/reproduction.py table
+    python benchmarks/reproduction.py table            # --readme also writes it into README.md
+    python benchmarks/reproduction.py curves ep-2h ep-2h@anderson --epochs 1 10 50 --keys test_error
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from eqprop.presets import load_preset
 from eqprop.training import load_checkpoint
 from eqprop.training.checkpoint import CHECKPOINT
 
@@ -36,6 +38,9 @@ PAPER = {
     "cvf-1h": (None, "C-EP paper, C-VF-1h (degrades with the initial angle)"),
     "cvf-2h": (None, "C-EP paper, C-VF-2h (degrades with the initial angle)"),
     "laborieux-mnist": (0.0411, "Laborieux 2021 authors' MNIST command (95.89% accuracy after 1 epoch)"),
+    "mnist-kp-vf": (None, "not a paper row: CPU-sized unidirectional MLP, KP-VF (the paper's VF rows are CIFAR-10)"),
+    "mnist-vf-symmetric": (None, "not a paper row: CPU-sized unidirectional MLP, symmetric VF"),
+    "mnist-conv": (None, "Ernoult 2019 MNIST ConvNet with eqprop's training settings"),
     "cifar10-mse-one-sided": (0.8664, "Laborieux 2021 Table 2, MSE one-sided"),
     "cifar10-mse-random-sign": (0.2155, "Laborieux 2021 Table 2, MSE random-sign"),
     "cifar10-mse-symmetric": (0.1245, "Laborieux 2021 Table 2, MSE symmetric"),
@@ -45,6 +50,8 @@ PAPER = {
     "cifar10-kp-vf": (0.132, "Laborieux 2021 Table 2, unidirectional KP-VF"),
     "cifar10-bptt-unidirectional": (0.0946, "Laborieux 2021 Table 2, unidirectional BPTT"),
 }
+#: rows whose paper figure is for an earlier epoch than the preset trains: compared at that epoch
+PAPER_EPOCH = {"laborieux-mnist": 1}
 
 
 def machine() -> str:
@@ -73,12 +80,16 @@ def record(folder: Path, command: str, note: str | None) -> dict:
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not metrics:
         raise SystemExit(f"{folder} has no completed epoch")
+    # the paper's epochs: the preset's (a run made in pieces may stop short of them), else the run's own target
     target = load_checkpoint(folder / CHECKPOINT)["config"]["train"]["epochs"]
+    if folder.name.split("@")[0] in PAPER:
+        target = load_preset(folder.name.split("@")[0])["train"]["epochs"]
     best = min(metrics, key=lambda r: r["test_error"])
     entry = {"command": command, "commit": commit(), "machine": machine(),
              "training_seconds": sum(r["epoch_seconds"] for r in metrics), "epochs_run": metrics[-1]["epoch"],
              "epochs_target": target, "final_test_error": metrics[-1]["test_error"],
-             "best_test_error": best["test_error"], "best_epoch": best["epoch"]}
+             "best_test_error": best["test_error"], "best_epoch": best["epoch"],
+             "test_errors": [r["test_error"] for r in metrics]}
     if note:
         entry["note"] = note
     (folder / "record.json").write_text(json.dumps(entry, indent=1) + "\n")
@@ -99,11 +110,50 @@ def table() -> str:
                 continue
             entry = json.loads((folders[name] / "record.json").read_text())
             final, best = entry["final_test_error"], entry["best_test_error"]
-            difference = "" if paper is None else f"{100 * (final - paper):+.2f} pt"
+            ours = f"{100 * final:.2f}%, {100 * best:.2f}%"
+            compared = final
+            at = PAPER_EPOCH.get(preset)
+            if at is not None and len(entry.get("test_errors", [])) >= at:
+                compared = entry["test_errors"][at - 1]
+                ours += f"; {100 * compared:.2f}% after epoch {at}"
+            difference = "" if paper is None else f"{100 * (compared - paper):+.2f} pt"
             epochs = f"{entry['epochs_run']} of {entry['epochs_target']}"
-            lines.append(f"| `{name}`: {row} | {paper_text} | {100 * final:.2f}%, {100 * best:.2f}% | {difference} | "
+            lines.append(f"| `{name}`: {row} | {paper_text} | {ours} | {difference} | "
                          f"{epochs} | `{entry['command']}` | {entry['machine']} |")
     return "\n".join(lines)
+
+
+def curves(rows: list[str], epochs: list[int], keys: list[str]) -> str:
+    """Chosen epochs of several records side by side: each row's ``keys`` from its metrics."""
+    metrics = {row: {r["epoch"]: r for r in map(json.loads, (ROOT / row / "metrics.jsonl").read_text().splitlines())}
+               for row in rows}
+    header = ["epoch"] + [f"{row}: {key}" for row in rows for key in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for epoch in epochs:
+        cells = [str(epoch)]
+        for row in rows:
+            for key in keys:
+                value = metrics[row].get(epoch, {}).get(key)
+                cells.append("" if value is None else f"{100 * value:.2f}%" if key.endswith("error")
+                             else f"{value:.1f}" if key.endswith("steps") else f"{value:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+README = ROOT.parents[1] / "README.md"
+#: the lines around the table in the README, which ``table --readme`` rewrites
+README_MARKERS = ("<!-- reproduction table: python benchmarks/reproduction.py table --readme -->",
+                  "<!-- end of the reproduction table -->")
+
+
+def readme_with_table(text: str, rendered: str) -> str:
+    """``text`` (the README) with the part between :data:`README_MARKERS` replaced by ``rendered``."""
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"the README has no reproduction table markers ({start} ... {end})")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{rendered}\n{end}{after}"
 
 
 def main() -> None:
@@ -113,12 +163,23 @@ def main() -> None:
     add.add_argument("folder", type=Path)
     add.add_argument("--command", required=True, help="the command that ran it (data root as DATA)")
     add.add_argument("--note", help="anything a reader must know (pieces, shared CPU)")
-    commands.add_parser("table", help="print the reproduction table")
+    show = commands.add_parser("table", help="print the reproduction table")
+    show.add_argument("--readme", action="store_true", help="also write it into the README")
+    compare = commands.add_parser("curves", help="chosen epochs of several records side by side")
+    compare.add_argument("rows", nargs="+", help="folders under benchmarks/reproduction")
+    compare.add_argument("--epochs", type=int, nargs="+", required=True)
+    compare.add_argument("--keys", nargs="+", default=["test_error"], help="metrics.jsonl keys")
     args = parser.parse_args()
+    if args.action == "curves":
+        print(curves(args.rows, args.epochs, args.keys))
+        return
     if args.action == "record":
         print(json.dumps(record(args.folder, args.command, args.note), indent=1))
-    else:
-        print(table())
+        return
+    rendered = table()
+    print(rendered)
+    if args.readme:
+        README.write_text(readme_with_table(README.read_text(), rendered))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,20 @@ def test_c_ep_per_step_updates_match_bptt_on_a_converged_network():
     assert worst(report, "symmetric") / worst(smaller, "symmetric") > 70
 
 
+def test_c_ep_follows_bptt_only_at_small_learning_rates_and_says_so():
+    """C-EP's theorem: its per-step updates follow BPTT's gradients as η → 0 (the paper's figure)."""
+    model, x, target = tanh_mlp()
+    errors = {}
+    for lr in (LR, 2e-5, 1e-4, 1e-3):
+        report = run_gdu(model, x, target, t1=150, k=K, beta=BETA, lr=lr, estimators=("c_ep",))
+        errors[lr] = worst(report, "c_ep")
+        notes = [n for n in report["settings"]["regime_notes"] if n.startswith("c_ep: at --lr")]
+        assert bool(notes) == (lr >= 1e-4), (lr, notes)
+    assert errors[LR] < BOUND and errors[2e-5] < BOUND
+    assert errors[LR] < errors[2e-5] < errors[1e-4] < errors[1e-3]
+    assert errors[1e-3] > 10 * BOUND
+
+
 def test_the_same_bound_fails_when_the_free_phase_has_not_converged():
     model, x, target = tanh_mlp()
     report = run_gdu(model, x, target, t1=K, k=K, beta=BETA, lr=LR)

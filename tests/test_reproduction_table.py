@@ -33,6 +33,18 @@ def test_the_table_shows_recorded_rows_and_says_not_run_for_the_others(tmp_path,
     assert "| – | not run |" in rows["cvf-1h"]   # a row without a single paper figure
 
 
+def test_a_row_whose_paper_figure_is_for_an_earlier_epoch_is_compared_there(tmp_path, monkeypatch):
+    reproduction = load_script("reproduction")
+    monkeypatch.setattr(reproduction, "ROOT", tmp_path)
+    folder = tmp_path / "laborieux-mnist"
+    folder.mkdir()
+    (folder / "record.json").write_text(json.dumps({
+        "command": "eqprop train --preset laborieux-mnist", "machine": "test CPU", "epochs_run": 2,
+        "epochs_target": 2, "final_test_error": 0.0306, "best_test_error": 0.0306, "test_errors": [0.0421, 0.0306]}))
+    row = next(line for line in reproduction.table().splitlines() if "`laborieux-mnist`" in line)
+    assert "| 4.11% | 3.06%, 3.06%; 4.21% after epoch 1 | +0.10 pt | 2 of 2 |" in row
+
+
 def test_a_record_is_written_from_the_run_folder(tmp_path):
     from eqprop.config import validate_config
     from eqprop.training import train
@@ -47,3 +59,10 @@ def test_a_record_is_written_from_the_run_folder(tmp_path):
     assert entry["final_test_error"] == lines[-1]["test_error"]
     assert entry["best_test_error"] == min(r["test_error"] for r in lines)
     assert json.loads((tmp_path / "record.json").read_text()) == entry
+
+
+def test_the_readme_shows_the_table_rendered_from_the_records():
+    reproduction = load_script("reproduction")
+    readme = (BENCHMARKS.parent / "README.md").read_text()
+    assert reproduction.readme_with_table(readme, reproduction.table()) == readme, \
+        "README's reproduction table is stale: python benchmarks/reproduction.py table --readme"

@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "holds, whatever the preset trains with)")
     gdu.add_argument("--estimators", help="comma list among one_sided, one_sided_neg, symmetric, c_ep, vf, c_vf "
                                           "(default: by model kind)")
-    gdu.add_argument("--lr", type=_positive_float, default=2e-5, help="C-EP/C-VF learning rate (default 2e-5)")
+    gdu.add_argument("--lr", type=_positive_float, default=1e-6,
+                     help="C-EP/C-VF learning rate (default 1e-6: the theorem holds as it goes to 0; a note says "
+                          "when it is too large)")
     gdu.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     gdu.add_argument("--checkpoint", type=Path, help="check the weights of a training checkpoint (a file, or a "
                                                      "run folder: its latest checkpoint)")

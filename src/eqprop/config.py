@@ -320,6 +320,15 @@ class TrainConfig(Strict):
     stop_at_chance: PositiveInt | None = Field(
         5, description="stop a run (exit status 1) whose training error stays within 3 points of chance level "
                        "for this many epochs in a row: it does not learn (None: never)")
+    on_collapse: Literal["stop", "rollback", "continue"] = Field(
+        "stop", description="what a run does in an epoch that gives NaN or inf, or a test error back at chance "
+                            "level after it had learned: stop (checkpoint.pt keeps the epoch before), rollback "
+                            "(back to the last good epoch with the learning rates times rollback_lr_factor, "
+                            "then on), continue")
+    rollback_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.5, description="on_collapse rollback: the learning rates are multiplied by this at each rollback")
+    max_rollbacks: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="on_collapse rollback: after this many rollbacks, a collapse stops the run")
 
 
 class RunConfig(Strict):

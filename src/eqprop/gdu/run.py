@@ -47,6 +47,8 @@ from .plots import plot_rmse, plot_traces
 #: the defaults of ``eqprop gdu``: the regime where the theorem holds, whatever the preset trains with
 #: (a small β, the output nudged inside σ, a free phase run until it has converged)
 GDU_BETA = 0.01
+GDU_LR = 1e-6             # C-EP/C-VF: small enough that the weights barely move within the phase (the theorem's η → 0)
+CONTINUAL_GAP = 0.1       # above it, the continual updates are too far from their η → 0 limit to show the theorem
 LARGE_BETA = 0.05         # above it, EP's updates match BPTT's only roughly (first order in β)
 CONVERGED = 1e-6          # the free phase's residual and change over its last K steps, at most
 MAX_T1 = 20000            # the most free steps the automatic T1 runs
@@ -68,7 +70,7 @@ def _residual(model: EnergyModel, clamped: Any, state: list[Tensor]) -> float:
 
 
 def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, beta: float,
-            estimators: Sequence[str] | None = None, lr: float | Sequence[float] = 2e-5,
+            estimators: Sequence[str] | None = None, lr: float | Sequence[float] = GDU_LR,
             out_dir: str | Path | None = None, seed: int = 0, tolerance: float = 1e-6,
             samples: int = 4) -> dict[str, Any]:
     """Check the GDU property on one batch and return (and with ``out_dir``, write) the report.
@@ -128,6 +130,15 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         model.train(was_training)
     converged = max(residual, drift) <= tolerance
     regime = regime_notes(model, beta, converged, residual, drift, tolerance)
+    for name in ("c_ep", "c_vf"):
+        if name in traces:
+            with torch.no_grad():  # the η → 0 limit: the same phase with the weights frozen
+                limit = ep_step_updates(model, x, free, target, beta, k, name, 0.0)
+            gap = relative_gap(traces[name].params, limit.params)
+            if gap > CONTINUAL_GAP:
+                regime.append(f"{name}: at --lr {lr} the weights move enough during the phase to change it (the "
+                              f"updates' sum is {100 * gap:.0f}% from its η → 0 limit); the theorem holds as "
+                              f"η → 0: give a smaller --lr (default {GDU_LR:g})")
 
     # references: -BPTT, neurons in pre-activation space
     ref_neurons = [-(g * d) for g, d in zip(bptt.neurons, bptt.sigma_prime)]
@@ -170,6 +181,13 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
             plot_traces(out / TRACES_PNG, picks, k, beta)
             plot_rmse(out / RMSE_PNG, results)
     return report
+
+
+def relative_gap(traces: Sequence[Tensor], limit: Sequence[Tensor]) -> float:
+    """How far the summed per-step updates ``traces`` are from ``limit``'s, relative to ``limit``'s."""
+    gap = sum(float((a.sum(0) - b.sum(0)).square().sum()) for a, b in zip(traces, limit))
+    size = sum(float(b.sum(0).square().sum()) for b in limit)
+    return math.sqrt(gap / max(size, 1e-300))
 
 
 def regime_notes(model: EnergyModel, beta: float, converged: bool, residual: float, drift: float,
@@ -262,7 +280,7 @@ def gradient_angle(model: EnergyModel, estimator: Estimator, x: Tensor, target: 
 def gdu_command(config: RunConfig, out_dir: str | Path, *, batch_size: int | None = None, k: int | None = None,
                 beta: float | None = None, t1: int | None = None, estimators: Sequence[str] | None = None,
                 data_dir: str | Path | None = None, download: bool = False, seed: int | None = None,
-                lr: float | Sequence[float] = 2e-5, dtype: str = "float64",
+                lr: float | Sequence[float] = GDU_LR, dtype: str = "float64",
                 checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Build the model of ``config`` and one training batch, run :func:`run_gdu` into ``out_dir``.
 

@@ -287,13 +287,16 @@ def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tens
              t1: int = 30, show_progress: bool = False) -> tuple[float, float, dict[str, float]]:
     """Mean loss and error rate of the free steady state over ``loader`` (a BatchLoader or any
     iterable of ``(x, y)`` batches, ``y`` integer labels or one-hot rows), and how it was solved
-    (``free_steps`` and the rest of :meth:`SolverTotals.summary`). The free phase runs ``solver``
-    (None: the papers' fixed steps) with at most ``t1`` steps."""
+    (``free_steps`` and the rest of :meth:`SolverTotals.summary`) with the root mean square of each
+    state layer (``state_rms/layerN``, from 1: a network saturating shows there). The free phase
+    runs ``solver`` (None: the papers' fixed steps) with at most ``t1`` steps."""
     model.eval()
     solver = solver if solver is not None else build_solver("fixed")
     batches = _Batches(model, loader)
     totals = _Totals(batches.device, loader.world if isinstance(loader, BatchLoader) else WORLD)
     phases = SolverTotals(batches.device)
+    squares: torch.Tensor | None = None  # per layer: the sum of squared units (on the device)
+    units: list[int] = []  # per layer: how many
     for x, y, target, _ in tqdm(batches.with_indices(False), total=batches.count, desc="evaluation", unit="batch",
                                 leave=False, disable=not show_progress, dynamic_ncols=True):
         if x.shape[0] == 0:  # a rank's empty share of a small last batch
@@ -302,7 +305,15 @@ def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tens
         state, stats = solver(model, clamped, model.init_state(x), t1)
         phases.add(stats)
         totals.add(model.logits(state), model.head.loss(state[-1], target), y)
+        batch_squares = torch.stack([s.double().square().sum() for s in state])
+        squares = batch_squares if squares is None else squares + batch_squares
+        units = [n + s.numel() for n, s in zip(units or [0] * len(state), state)]
     loss, error, finite = totals.read()
     if not finite:
         raise DivergenceError("evaluation produced NaN or inf: the weights have diverged")
-    return loss, error, phases.summary("free")
+    summary = phases.summary("free")
+    if squares is not None:
+        sums = totals.world.sum_(torch.cat([squares, squares.new_tensor(units)]))
+        mean_squares = sums[:len(units)] / sums[len(units):]
+        summary |= {f"state_rms/layer{i + 1}": rms for i, rms in enumerate(mean_squares.sqrt().tolist())}
+    return loss, error, summary

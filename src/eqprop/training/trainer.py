@@ -31,20 +31,24 @@ from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT, CheckpointError, checkpoint_in, config_fingerprint,
                          load_checkpoint, load_model_state, save_checkpoint)
 from .loop import DivergenceError, evaluate, train_epoch
-from .metrics import append_metrics, plot_curves, read_metrics, write_metrics
+from .metrics import append_metrics, parameter_norms, plot_curves, read_metrics, write_metrics
 from .callbacks import Callback, TensorBoardLogger
+from .collapse import CHANCE_MARGIN, CollapseGuard, collapse_reason
 from .run_info import record_session, session_info
 from .run_lock import RunLock
 
 WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
 METRICS = "metrics.jsonl"
+ROLLED_BACK = "rolled_back.jsonl"  # train.on_collapse rollback: the epochs a rollback undid
 CONFIG = "config.yaml"
-#: a run whose training error stays within this of chance level is not learning
-CHANCE_MARGIN = 0.03
 
 
 class DeadRunError(DivergenceError):
     """Training stays at chance level: the run stops (``train.stop_at_chance``)."""
+
+
+class CollapseError(DivergenceError):
+    """The run collapsed after having learned and ``train.on_collapse`` stops it."""
 
 
 def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> RunConfig:
@@ -163,7 +167,22 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
     on_batch = [c.on_batch for c in callbacks if type(c).on_batch is not Callback.on_batch]
 
     chance = chance_error(run.train_loader.labels)
-    for epoch in range(first_epoch, config.train.epochs + 1):
+    train_settings = config.train
+    guard = CollapseGuard(train_settings.on_collapse, train_settings.rollback_lr_factor,
+                          train_settings.max_rollbacks, int((checkpoint or {}).get("rollbacks", 0)),
+                          float((checkpoint or {}).get("lr_scale", 1.0)))
+    rolled_back: dict[str, Any] | None = None  # the rollback that the next recorded epoch follows
+
+    def payload(epoch: int) -> dict[str, Any]:
+        """Everything a checkpoint keeps of the run as it stands after ``epoch``."""
+        return {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generators": generators.state(), "device": device.type,
+                "data_dir": None if root is None else str(root), "rollbacks": guard.rollbacks,
+                "lr_scale": guard.lr_scale}
+
+    epoch = first_epoch
+    while epoch <= config.train.epochs:
         run.backend.before_epoch()
         if world.distributed:  # each rank's dropout stream, from the seed, its rank and the epoch alone
             generators.model.manual_seed(Generators.model_seed(config.train.seed, epoch) + 1_000_003 * world.rank)
@@ -173,39 +192,66 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
                                 angle_bptt_steps=config.estimator.bptt_steps,
                                 bf16_autocast=config.train.bf16_autocast, warm_start=run.warm_start,
                                 on_batch=on_batch)
+            with warnings.catch_warnings():
+                if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                scheduler.step()
+            test_loss, test_error, test_solver = evaluate(model, run.test_loader, run.solvers[0],
+                                                          config.dynamics.t1)
+            collapse = (collapse_reason(epoch, records, test_error, chance)
+                        if train_settings.on_collapse != "continue" else None)
         except DivergenceError as error:
-            raise DivergenceError(f"{error}; {_what_is_kept(out_dir, epoch - 1)}; try smaller learning rates "
-                                  "or β") from None
-        with warnings.catch_warnings():
-            if estimator.moves_weights:  # they never call optimizer.step(), which torch warns about
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            scheduler.step()
-        test_loss, test_error, test_solver = evaluate(model, run.test_loader, run.solvers[0], config.dynamics.t1)
+            collapse = str(error)
+        if collapse:
+            best = _best_state(out_dir, world) if guard.can_roll_back() else None
+            if best is None:
+                if train_settings.on_collapse != "rollback":
+                    advice = "try smaller learning rates or β, or set train.on_collapse=rollback"
+                elif guard.rollbacks >= guard.max_rollbacks:
+                    advice = f"{guard.rollbacks} rollback(s) made, train.max_rollbacks is {guard.max_rollbacks}"
+                else:
+                    advice = f"no {BEST_CHECKPOINT} to roll back to; try smaller learning rates or β"
+                raise CollapseError(f"{collapse}; {_what_is_kept(out_dir, epoch - 1)}; {advice}")
+            best_epoch = _restore(best, out_dir / BEST_CHECKPOINT, model, optimizer, scheduler, generators, device)
+            guard.rescale(optimizer, scheduler, float(best.get("lr_scale", 1.0)))
+            undone = [r for r in records if r["epoch"] > best_epoch] + [{"epoch": epoch, "collapse": collapse}]
+            records = [r for r in records if r["epoch"] <= best_epoch]
+            rolled_back = {"reason": collapse, "from_epoch": epoch, "rollbacks": guard.rollbacks,
+                           "lr_scale": guard.lr_scale}
+            if main:  # the folder rewound with the run: a resume continues from the best epoch too
+                for record in undone:  # kept: how the run got to the collapse
+                    append_metrics(out_dir / ROLLED_BACK, record | {"rollback": guard.rollbacks})
+                write_metrics(out_dir / METRICS, records)
+                save_checkpoint(checkpoint_path, payload(best_epoch))
+            log(f"{collapse}; rolled back to epoch {best_epoch} (the best) with the learning rates times "
+                f"{guard.lr_scale:g} (rollback {guard.rollbacks} of {guard.max_rollbacks})")
+            epoch = best_epoch + 1
+            continue
         record = {"epoch": epoch, "train_loss": stats.loss, "train_error": stats.error,
                   "test_loss": test_loss, "test_error": test_error, "epoch_seconds": stats.seconds,
                   "samples_per_second": stats.samples_per_second,
                   "lr": [group["lr"] for group in optimizer.param_groups],
                   **stats.solver, **{f"test_{key}": value for key, value in test_solver.items()},
-                  **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()}}
+                  **{f"angle/{layer}": angle for layer, angle in backward_angles(model).items()},
+                  **parameter_norms(model)}
         if stats.gradient_angles:
             record["gradient_angles"] = stats.gradient_angles
         if run.warm_start is not None:
             record["warm_start_bytes"] = run.warm_start.bytes
         if run.phases_run_in == "c_kernel":
             record["cpu_kernel_threads"] = run.backend.threads
-        payload = {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "generators": generators.state(), "device": device.type,
-                   "data_dir": None if root is None else str(root)}
+        if rolled_back is not None:
+            record["rollback"], rolled_back = rolled_back, None
         if main:
+            state = payload(epoch)
             # metrics, then the best, then the checkpoint: a crash in between leaves files that
             # resume redoes identically (it drops metrics lines after the checkpoint's epoch)
             append_metrics(out_dir / METRICS, record)
             if run.warm_start is not None:  # before the checkpoint: resume then finds the states of its epoch
                 save_checkpoint(out_dir / WARM_START, {"epoch": epoch, "warm_start": run.warm_start.state_dict()})
             if all(test_error < r["test_error"] for r in records):
-                save_checkpoint(out_dir / BEST_CHECKPOINT, payload)
-            save_checkpoint(checkpoint_path, payload)
+                save_checkpoint(out_dir / BEST_CHECKPOINT, state)
+            save_checkpoint(checkpoint_path, state)
         records.append(record)
         if main:
             plot_curves(out_dir, records, config.name)
@@ -220,7 +266,15 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         dead = dead_run_message(records, chance, config.train.stop_at_chance)
         if dead:
             raise DeadRunError(f"{dead}; {_what_is_kept(out_dir, epoch)}")
+        epoch += 1
     return records
+
+
+def _best_state(out_dir: Path, world: World) -> dict[str, Any] | None:
+    """The content of the run's ``best.pt`` (None: there is none yet), read by rank 0 and shared."""
+    path = out_dir / BEST_CHECKPOINT
+    best = load_checkpoint(path) if world.is_main and path.exists() else None
+    return world.broadcast(best)
 
 
 def chance_error(labels: torch.Tensor) -> float:
