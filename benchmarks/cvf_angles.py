@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> None:
         code = eqprop_main(command)
         if code != 0:
             raise SystemExit(f"eqprop {' '.join(command)} failed with status {code}")
-        shown = [part if part != args.data_dir else "DATA" for part in command]
+        repository = ROOT.parents[2]
+        shown = ["DATA" if part == args.data_dir else str(out.relative_to(repository)) if part == str(out) else part
+                 for part in command]
         with (out / "command.txt").open("a") as handle:
             handle.write("eqprop " + " ".join(shlex.quote(part) for part in shown) + "\n")
         for path in out.iterdir():

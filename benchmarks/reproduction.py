@@ -135,7 +135,7 @@ def curves(rows: list[str], epochs: list[int], keys: list[str]) -> str:
             for key in keys:
                 value = metrics[row].get(epoch, {}).get(key)
                 cells.append("" if value is None else f"{100 * value:.2f}%" if key.endswith("error")
-                             else f"{value:.1f}" if key.endswith("steps") else f"{value:.1e}")
+                             else f"{value:.1e}" if "residual" in key else f"{value:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

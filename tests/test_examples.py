@@ -22,6 +22,7 @@ def run(*command: str, cwd: Path = ROOT) -> str:
     ("train_with_dataloader.py", "epoch 1: train error"),
     ("lateral_phi.py", "epoch 1/1"),
     ("custom_estimator.py", "one epoch with two_sided_mean"),
+    ("hopfield_resnet.py", "epoch 1/1"),
 ])
 def test_example_runs(script, expected):
     assert expected in run(sys.executable, f"examples/{script}", "--quick")
@@ -40,3 +41,16 @@ def test_example_config_trains_from_the_command_line(tmp_path):
               "--out", str(tmp_path / "run"))
     assert "done: test error" in out
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_the_residual_hopfield_plugin_trains_resumes_and_runs_the_gdu_check(tmp_path):
+    tiny = ["--config", "examples/hopfield_resnet.yaml", "--set", "data.dataset=mnist-demo", "--set",
+            "model.channels=2", "--set", "model.blocks=2", "--set", "model.features=8", "--set", "dynamics.t1=6",
+            "--set", "dynamics.t2=3", "--train-subset", "64", "--test-subset", "32", "--no-progress"]
+    folder = str(tmp_path / "run")
+    assert "epoch 1/1" in run(sys.executable, "-m", "eqprop", "train", *tiny, "--epochs", "1", "--out", folder)
+    resumed = run(sys.executable, "-m", "eqprop", "train", "--resume", folder, "--epochs", "2", "--no-progress")
+    assert "resuming" in resumed and "epoch 2/2" in resumed
+    out = run(sys.executable, "-m", "eqprop", "gdu", "--checkpoint", folder, "--batch-size", "2", "--k", "3",
+              "--out", str(tmp_path / "gdu"))
+    assert "symmetric" in out and (tmp_path / "gdu" / "gdu.json").exists()

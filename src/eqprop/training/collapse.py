@@ -2,9 +2,10 @@
 
 A run *collapses* in an epoch whose training produced NaN or inf, or whose test error is back at
 chance level (within :data:`CHANCE_MARGIN` of it) after an earlier epoch had reached at most half
-of chance. Continual VF did the latter at the paper's rates: its nudged-phase updates feed back
-into the phase (:mod:`eqprop.estimators.continual`), and when that feedback runs away the network
-saturates without any NaN. The collapsed epoch is never written over the last checkpoint.
+of chance. Continual VF does the latter at the paper's settings: as its backward weights grow, the
+fixed free phase stops short of the steady state, its updates stop descending the loss, and the
+network saturates without any NaN (README, *Reproduction*). The collapsed epoch is never written
+over the last checkpoint.
 
 - ``stop`` (the default): the run ends with one line; ``checkpoint.pt`` keeps the epoch before
   the collapse and ``best.pt`` the best one.
