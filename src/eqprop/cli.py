@@ -24,7 +24,7 @@ from ._version import __version__
 from .config import ConfigError, RunConfig, apply_override, load_config_file, validate_config
 from .build import resolve_device
 from .data import DataError
-from .distributed import DistributedError, initialize, shutdown, world_from_environment
+from .distributed import DistributedError, finish, initialize, shutdown, world_from_environment
 from .presets import load_preset, preset_names
 
 DEFAULT_PRESET = "demo"
@@ -187,6 +187,7 @@ def command_train(args: argparse.Namespace) -> int:
                 records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
                                 resume=args.resume is not None, log=interrupt.checked(print),
                                 show_progress=not args.no_progress and sys.stderr.isatty(), world=world)
+                finish(world)
             except Exception as error:
                 if interrupt.seen:  # what a swallowed or converted Ctrl-C left behind
                     raise KeyboardInterrupt from None

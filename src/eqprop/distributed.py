@@ -118,6 +118,13 @@ def initialize(world: World, device_type: str, timeout_s: float) -> None:
                                f"{first_line(error)}") from None
 
 
+def finish(world: World) -> None:
+    """Wait until every rank is done (rank 0 may still be writing the run folder): a rank that
+    leaves the process group while a peer still uses it can abort gloo's threads in that rank."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Leave the process group (when one was joined)."""
     if dist.is_initialized():
