@@ -299,7 +299,10 @@ def evaluate(model: EnergyModel, loader: Iterable[tuple[torch.Tensor, torch.Tens
     units: list[int] = []  # per layer: how many
     for x, y, target, _ in tqdm(batches.with_indices(False), total=batches.count, desc="evaluation", unit="batch",
                                 leave=False, disable=not show_progress, dynamic_ncols=True):
-        if x.shape[0] == 0:  # a rank's empty share of a small last batch
+        if x.shape[0] == 0:  # a rank's empty share of a small last batch: it still takes part in the sums
+            if squares is None:
+                layers = len(model.init_state(x))
+                squares, units = torch.zeros(layers, dtype=torch.float64, device=batches.device), [0] * layers
             continue
         clamped = model.clamp(x)
         state, stats = solver(model, clamped, model.init_state(x), t1)

@@ -206,7 +206,8 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
             best = _best_state(out_dir, world) if guard.can_roll_back() else None
             if best is None:
                 if train_settings.on_collapse != "rollback":
-                    advice = "try smaller learning rates or β, or set train.on_collapse=rollback"
+                    advice = "try smaller learning rates or β" + (", or set train.on_collapse=rollback"
+                                                                  if (out_dir / BEST_CHECKPOINT).exists() else "")
                 elif guard.rollbacks >= guard.max_rollbacks:
                     advice = f"{guard.rollbacks} rollback(s) made, train.max_rollbacks is {guard.max_rollbacks}"
                 else:
