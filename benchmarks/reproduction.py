@@ -116,7 +116,8 @@ def table() -> str:
             if at is not None and len(entry.get("test_errors", [])) >= at:
                 compared = entry["test_errors"][at - 1]
                 ours += f"; {100 * compared:.2f}% after epoch {at}"
-            difference = "" if paper is None else f"{100 * (compared - paper):+.2f} pt"
+            difference = ("" if paper is None else "(run not finished)" if entry["epochs_run"] < entry["epochs_target"]
+                          else f"{100 * (compared - paper):+.2f} pt")
             epochs = f"{entry['epochs_run']} of {entry['epochs_target']}"
             lines.append(f"| `{name}`: {row} | {paper_text} | {ours} | {difference} | "
                          f"{epochs} | `{entry['command']}` | {entry['machine']} |")
