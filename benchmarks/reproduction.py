@@ -5,7 +5,8 @@ A run that reproduces a paper row lives in ``benchmarks/reproduction/<preset>/``
 folder itself (``metrics.jsonl``, ``config.yaml``, ``checkpoint.pt`` to resume
 it) plus ``record.json``, written by ``record``: the command, the commit, the
 machine, the training seconds, the epochs run of the preset's, and the final
-and best test error (fractions, as in ``metrics.jsonl``). ``table`` renders
+and best test error (fractions, as in ``metrics.jsonl``), and the epochs at which
+the run collapsed and rolled back (``rolled_back.jsonl``). ``table`` renders
 every record next to the paper's figure; a row without a record says
 "not run".
 
@@ -90,6 +91,10 @@ def record(folder: Path, command: str, note: str | None) -> dict:
              "epochs_target": target, "final_test_error": metrics[-1]["test_error"],
              "best_test_error": best["test_error"], "best_epoch": best["epoch"],
              "test_errors": [r["test_error"] for r in metrics]}
+    rolled_back = folder / "rolled_back.jsonl"   # epochs a collapse undid (train.on_collapse: rollback)
+    if rolled_back.exists():
+        undone = [json.loads(line) for line in rolled_back.read_text().splitlines() if line.strip()]
+        entry["collapses"] = [r["epoch"] for r in undone if "collapse" in r]
     if note:
         entry["note"] = note
     (folder / "record.json").write_text(json.dumps(entry, indent=1) + "\n")
@@ -111,6 +116,8 @@ def table() -> str:
             entry = json.loads((folders[name] / "record.json").read_text())
             final, best = entry["final_test_error"], entry["best_test_error"]
             ours = f"{100 * final:.2f}%, {100 * best:.2f}%"
+            if entry.get("collapses"):
+                ours += f"; collapsed at epoch {', '.join(map(str, entry['collapses']))} and rolled back"
             compared = final
             at = PAPER_EPOCH.get(preset)
             if at is not None and len(entry.get("test_errors", [])) >= at:
@@ -125,9 +132,11 @@ def table() -> str:
 
 
 def curves(rows: list[str], epochs: list[int], keys: list[str]) -> str:
-    """Chosen epochs of several records side by side: each row's ``keys`` from its metrics."""
-    metrics = {row: {r["epoch"]: r for r in map(json.loads, (ROOT / row / "metrics.jsonl").read_text().splitlines())}
-               for row in rows}
+    """Chosen epochs of several records side by side: each row's ``keys`` from its metrics
+    (a row is a folder under ``benchmarks/reproduction``, or any folder with a ``metrics.jsonl``)."""
+    folders = {row: ROOT / row if (ROOT / row).is_dir() else Path(row) for row in rows}
+    metrics = {row: {r["epoch"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
+               for row, folder in folders.items()}
     header = ["epoch"] + [f"{row}: {key}" for row in rows for key in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for epoch in epochs:
@@ -167,7 +176,7 @@ def main() -> None:
     show = commands.add_parser("table", help="print the reproduction table")
     show.add_argument("--readme", action="store_true", help="also write it into the README")
     compare = commands.add_parser("curves", help="chosen epochs of several records side by side")
-    compare.add_argument("rows", nargs="+", help="folders under benchmarks/reproduction")
+    compare.add_argument("rows", nargs="+", help="folders under benchmarks/reproduction, or paths to run folders")
     compare.add_argument("--epochs", type=int, nargs="+", required=True)
     compare.add_argument("--keys", nargs="+", default=["test_error"], help="metrics.jsonl keys")
     args = parser.parse_args()

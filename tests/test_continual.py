@@ -137,9 +137,21 @@ def test_learning_rate_schedules_apply():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["c_ep", "c_vf"])
+def test_weight_decay_shrinks_every_weight_once_per_batch(kind):
+    model, x, target = fc_model(kind, "mse")
+    decayed = copy.deepcopy(model)
+    lrs, decay = [0.05, 0.02, 0.01], 0.3
+    build_estimator(kind, PHASES).train_step(model, x, target, sgd(model, lrs))
+    optimizer = sgd(decayed, lrs, weight_decay=decay)
+    build_estimator(kind, PHASES).train_step(decayed, x, target, optimizer)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for p, q in zip(model.trainable_parameters(), decayed.trainable_parameters()):
+        torch.testing.assert_close(q, p * (1 - lr_of[id(q)] * decay), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), "momentum"),
-    (lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=1e-4), "weight_decay"),
     (lambda params: torch.optim.Adam(params, lr=0.1), "Adam"),
 ])
 def test_refuses_what_plain_sgd_steps_cannot_honour(make, message):
@@ -489,12 +501,12 @@ def test_only_fully_connected_models_telescope():
     assert not first_layer_telescopes(other, other.clamp(x))
 
 
-def authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, beta, t1, t2, lr_out, lr_hidden):
+def authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, beta, t1, t2, lr_out, lr_hidden, learn_b1=True):
     """One C-VF batch of the authors' discrete VF network (ernoult/continualEP, ``VFdisc``: ``stepper``,
     ``computeGradients``, ``updateWeights``) written out for one hidden layer, the output layer first
     as there: s0 output, s1 hidden. The nudge is added after σ, the division is by the signed β, and
     B (their ``w[1]``) uses the output layer's rate (``lr_tab[floor(i/2)]``). Their code leaves the
-    hidden bias b1 (the bias of ``w[-1]``) unchanged; it is updated here, as SPEC §4 says."""
+    hidden bias b1 (the bias of ``w[-1]``) unchanged (``learn_b1=False``); SPEC §4 updates it."""
     rho = lambda u: torch.sigmoid(4 * (u - 0.5))  # noqa: E731
     s0, s1 = x.new_zeros(x.shape[0], W2.shape[0]), x.new_zeros(x.shape[0], W1.shape[0])
     step = lambda s0, s1, beta: (rho(s1 @ W2.t() + b2) + beta * (y - s0),  # noqa: E731
@@ -510,14 +522,19 @@ def authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, beta, t1, t2, lr_out, lr
         b2 += lr_out * gb2
         B2 += lr_out * gB2
         W1 += lr_hidden * gW1
-        b1 += lr_hidden * gb1
+        if learn_b1:
+            b1 += lr_hidden * gb1
         s0, s1 = n0, n1
 
 
 @pytest.mark.parametrize("telescope", [True, False])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_c_vf_follows_the_authors_discrete_vf_code(telescope, sign):
-    """The cvf-1h convention (nudge after σ, signed β, B at W_2's rate) against the authors' code."""
+@pytest.mark.parametrize("learn_b1", [True, False])
+def test_c_vf_follows_the_authors_discrete_vf_code(telescope, sign, learn_b1):
+    """The cvf-1h convention (nudge after σ, signed β, B at W_2's rate) against the authors' code;
+    ``optim.frozen: [layers.0.bias]`` is their code exactly."""
+    from eqprop.build import build_optimizer
+    from eqprop.config import OptimConfig
     from eqprop.models.vf import VFMLP
     g = torch.Generator().manual_seed(4)
     model = VFMLP([9, 7, 4], nudge_inside=False, generator=g, backward_init="flipped",
@@ -530,11 +547,12 @@ def test_c_vf_follows_the_authors_discrete_vf_code(telescope, sign):
                                                         model.layers[1].weight, model.layers[1].bias))
         B2 = model.backward["layers"]["1"].detach().clone()
         authors_vfdisc_train_step(W1, b1, W2, b2, B2, x, y, sign * phases.beta, phases.t1, phases.t2,
-                                  lr_out=lrs[1], lr_hidden=lrs[0])
+                                  lr_out=lrs[1], lr_hidden=lrs[0], learn_b1=learn_b1)
     estimator = ContinualVF(phases)
     estimator.telescope_first_layer = telescope
     estimator.beta = lambda: sign * phases.beta
-    estimator.train_step(model, x, y, sgd(model, lrs))
+    frozen = [] if learn_b1 else ["layers.0.bias"]
+    estimator.train_step(model, x, y, build_optimizer(OptimConfig(lr=lrs, frozen=frozen), model))
     ours = [model.layers[0].weight, model.layers[0].bias, model.layers[1].weight, model.layers[1].bias,
             model.backward["layers"]["1"]]
     for p, q in zip(ours, (W1, b1, W2, b2, B2)):
@@ -548,3 +566,56 @@ def test_config_refuses_compile_for_estimators_that_move_the_weights():
     data["train"]["compile"] = True
     with pytest.raises(ConfigError, match="train.compile"):
         validate_config(data)
+
+
+@pytest.mark.parametrize("telescope", [True, False])
+def test_c_vf_with_settle_tol_leaves_unsettled_samples_out_of_the_updates(telescope):
+    model, x, target = fc_model("c_vf", "mse")
+    reference = copy.deepcopy(model)
+    phases = Phases(3, 6, 0.2)   # a free phase too short for every sample to settle
+    probe = build_estimator("c_vf", phases)
+    _, stats = probe.free_phase(model, model.clamp(x))
+    tol = float(stats.residual.median())
+    settled = stats.residual <= tol
+    assert 0 < int(settled.sum()) < x.shape[0]
+    lrs = [0.05, 0.02]
+    gated = build_estimator("c_vf", phases, settle_tol=tol)
+    gated.telescope_first_layer = telescope
+    result = gated.train_step(model, x, target, sgd(model, lrs))
+    assert int(result.nudged_stats.excluded) == int((~settled).sum())
+    # the settled samples alone, their batch mean rescaled to the whole batch's
+    share = float(settled.sum()) / x.shape[0]
+    alone = build_estimator("c_vf", phases)
+    alone.telescope_first_layer = telescope
+    expected = alone.train_step(reference, x[settled], target[settled], sgd(reference, [lr * share for lr in lrs]))
+    assert_relative([d for d in result.direction], [share * d for d in expected.direction], DIRECTION_RTOL)
+    assert_relative(model.trainable_parameters(), reference.trainable_parameters())
+
+
+def test_c_vf_settle_tol_is_validated_and_needs_a_readout_without_parameters():
+    from eqprop.config import ConfigError, validate_config
+    from eqprop.presets import load_preset
+    data = load_preset("cvf-1h")
+    data["estimator"]["options"] = {"settle_tol": 1e-3}
+    validate_config(data)
+    for wrong in ({"settle_tol": -1.0}, {"settle_to": 1e-3}):
+        data["estimator"]["options"] = wrong
+        with pytest.raises((ConfigError, ValueError), match="settle_to"):
+            validate_config(data)
+    model, x, target = fc_model("c_vf", "ce")
+    with pytest.raises(ValueError, match="readout without parameters"):
+        build_estimator("c_vf", Phases(3, 4, 0.2), settle_tol=1e-9).train_step(model, x, target, sgd(model, [0.1] * 4))
+
+
+def test_a_c_vf_run_with_settle_tol_counts_the_samples_it_left_out(tmp_path):
+    from eqprop.config import validate_config
+    from eqprop.presets import load_preset
+    from eqprop.training import train
+    data = load_preset("cvf-1h")
+    data["model"]["sizes"] = [784, 16, 10]
+    data["data"] = {"dataset": "mnist-demo", "train_subset": 100, "test_subset": 50}
+    data["dynamics"].update(t1=4, t2=3)
+    data["estimator"]["options"] = {"settle_tol": 1e-3}
+    data["train"].update(epochs=1, threads=1, stop_at_chance=None)
+    record, = train(validate_config(data), tmp_path, log=lambda _: None)
+    assert 0 < record["nudged_excluded"] <= 100

@@ -44,3 +44,70 @@ def test_the_angle_table_lists_every_recorded_angle_in_order(tmp_path, monkeypat
     table = angles.render().splitlines()
     assert table[2].startswith("| 0° | 2 | 5.00% | 5.00% | 0.0° | 0.0° |")
     assert table[3].startswith("| 85° | 2 | 40.00% | 40.00% | 85.0° | 42.5° |")
+
+
+STAND_IN_NET_CLASSES = '''
+import numpy as np
+import torch
+from torch import nn
+from main import rho
+
+
+class VFdisc(nn.Module):
+    """Shaped like the authors' class (w[0] output, w[1] its B, w[2] the input layer)."""
+    def __init__(self, args):
+        super().__init__()
+        out, hidden, inputs = args.size_tab
+        self.w = nn.ModuleList([nn.Linear(hidden, out), nn.Linear(out, hidden, bias=False),
+                                nn.Linear(inputs, hidden)])
+        self.cuda = False
+
+    def step(self, data):
+        """A random move drawn from both generators, as their training draws its order and β sign."""
+        with torch.no_grad():
+            scale = 1e-3 * (2 * np.random.binomial(1, 0.5) - 1)
+            for layer in self.w:
+                layer.weight += scale * torch.randn(layer.weight.shape)
+        return float(rho(self.w[2](data)).mean())
+'''
+
+STAND_IN_NET_FUNCTIONS = '''
+def train(net, loader, epoch, rule):
+    return sum(net.step(data) for data, _ in loader)
+
+
+def evaluate(net, loader):
+    return sum(float(net.w[0].weight.sum()) for _ in loader)
+'''
+
+
+def test_the_authors_code_harness_resumes_where_it_stopped(tmp_path, data_root):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = tmp_path / "continualEP"
+    repo.mkdir()
+    (repo / "netClasses.py").write_text(STAND_IN_NET_CLASSES)
+    (repo / "netFunctions.py").write_text(STAND_IN_NET_FUNCTIONS)
+    script = Path(__file__).parents[1] / "benchmarks" / "authors_cvf.py"
+
+    def run(out, epochs, *extra):
+        return subprocess.run([sys.executable, str(script), "--authors-repo", str(repo), "--data-dir",
+                               str(data_root), "--out", str(tmp_path / out), "--epochs", str(epochs),
+                               "--samples", "60", *extra], capture_output=True, text=True)
+
+    def records(out):
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert run("whole", 3).returncode == 0
+    assert run("pieces", 1).returncode == 0
+    refused = run("pieces", 3)
+    assert refused.returncode != 0 and "pass --resume" in refused.stderr
+    assert run("pieces", 3, "--resume").returncode == 0
+    whole = records("whole")
+    assert [r["epoch"] for r in whole] == [1, 2, 3] and records("pieces") == whole
+    assert 0.0 <= whole[-1]["angle/layer2"] <= 180.0 and whole[0] != whole[1]
+    (repo / "netClasses.py").unlink()
+    missing = run("none", 1)
+    assert missing.returncode != 0 and "not a checkout of ernoult/continualEP" in missing.stderr

@@ -18,12 +18,14 @@ def load_script(name: str):
 def test_the_table_shows_recorded_rows_and_says_not_run_for_the_others(tmp_path, monkeypatch):
     reproduction = load_script("reproduction")
     monkeypatch.setattr(reproduction, "ROOT", tmp_path)
-    for name, final, best in (("ep-2h", 0.0231, 0.0190), ("ep-2h@anderson", 0.0240, 0.0201)):
+    for name, final, best in (("ep-2h", 0.0231, 0.0190), ("ep-2h@anderson", 0.0240, 0.0201),
+                              ("cvf-2h@x", 0.03, 0.02)):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "record.json").write_text(json.dumps({
             "command": f"eqprop train --preset {name.split('@')[0]}", "machine": "test CPU, 2 cores",
-            "epochs_run": 50, "epochs_target": 50, "final_test_error": final, "best_test_error": best}))
+            "epochs_run": 50, "epochs_target": 50, "final_test_error": final, "best_test_error": best,
+            **({"collapses": [40, 45]} if name == "cvf-2h@x" else {})}))
     table = reproduction.table().splitlines()
     assert table[0].startswith("| row | paper | eqprop (final, best) | difference | epochs run |")
     rows = {line.split("`")[1]: line for line in table[2:]}
@@ -31,6 +33,7 @@ def test_the_table_shows_recorded_rows_and_says_not_run_for_the_others(tmp_path,
     assert "| 2.40%, 2.01% | +0.40 pt |" in rows["ep-2h@anderson"]
     assert rows["cep-2h"].endswith("| 2.50% | not run | | | | |")
     assert "| – | not run |" in rows["cvf-1h"]   # a row without a single paper figure
+    assert "| 3.00%, 2.00%; collapsed at epoch 40, 45 and rolled back |" in rows["cvf-2h@x"]
 
 
 def test_a_row_whose_paper_figure_is_for_an_earlier_epoch_is_compared_there(tmp_path, monkeypatch):
@@ -58,7 +61,10 @@ def test_a_record_is_written_from_the_run_folder(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert entry["final_test_error"] == lines[-1]["test_error"]
     assert entry["best_test_error"] == min(r["test_error"] for r in lines)
-    assert json.loads((tmp_path / "record.json").read_text()) == entry
+    assert json.loads((tmp_path / "record.json").read_text()) == entry and "collapses" not in entry
+    (tmp_path / "rolled_back.jsonl").write_text(json.dumps({"epoch": 2, "test_error": 0.5}) + "\n" + json.dumps(
+        {"epoch": 3, "collapse": "epoch 3: ...", "rollback": 1}) + "\n")
+    assert reproduction.record(tmp_path, "eqprop train", None)["collapses"] == [3]
 
 
 def test_the_readme_shows_the_table_rendered_from_the_records():

@@ -260,3 +260,21 @@ def test_estimators_that_move_the_weights_do_not_trip_the_scheduler_warning(tmp_
         warnings.simplefilter("always")
         train(config, tmp_path, log=quiet)
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_frozen_parameters_keep_their_initial_values(tmp_path, cpu_kernels):
+    from eqprop import build
+    frozen = ["layers.0.bias", "layers.1.weight"]
+    config = small_config(optim={"frozen": frozen}, train={"epochs": 1, "cpu_kernels": cpu_kernels})
+    initial = build.build_run(config).model.state_dict()
+    train(config, tmp_path, log=quiet)
+    trained = load_checkpoint(tmp_path / CHECKPOINT)["model"]
+    for name, value in initial.items():
+        assert torch.equal(trained[name], value) == (name in frozen), name
+
+
+def test_an_unknown_frozen_parameter_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.frozen: the model has no trainable parameter 'layers.9.bias'; "
+                                          r"it has layers.0.weight, layers.0.bias"):
+        train(small_config(optim={"frozen": ["layers.9.bias"]}), tmp_path, log=quiet)

@@ -142,7 +142,7 @@ def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = Fals
     if len(rates) != len(groups):
         raise ConfigError(f"optim.lr: the model has {len(groups)} layers (input first, readout last) "
                           f"but {len(rates)} learning rates were given (or give one number for all)")
-    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, rates)]
+    param_groups = [{"params": params, "lr": lr} for params, lr in zip(_unfrozen(groups, config.frozen, model), rates)]
     if config.name == "sgd":
         if config.nesterov and config.momentum == 0:
             raise ConfigError("optim.nesterov: needs a momentum > 0")
@@ -151,6 +151,21 @@ def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = Fals
                                fused=config.fused or None, maximize=ascend)
     return torch.optim.Adam(param_groups, lr=rates[0], betas=config.betas, eps=config.eps,
                             weight_decay=config.weight_decay, fused=config.fused or None, maximize=ascend)
+
+
+def _unfrozen(groups: list[list[torch.nn.Parameter]], frozen: list[str],
+              model: EnergyModel) -> list[list[torch.nn.Parameter]]:
+    """``groups`` without the parameters named in ``optim.frozen`` (a group may end up empty: its
+    place, and so every layer's learning rate, stays)."""
+    if not frozen:
+        return groups
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    trainable = [name_of[id(p)] for params in groups for p in params]
+    unknown = [name for name in frozen if name not in trainable]
+    if unknown:
+        raise ConfigError(f"optim.frozen: the model has no trainable parameter {', '.join(map(repr, unknown))}; "
+                          f"it has {', '.join(trainable)}")
+    return [[p for p in params if name_of[id(p)] not in frozen] for params in groups]
 
 
 class _CosineFactor:

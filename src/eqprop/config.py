@@ -260,9 +260,14 @@ class OptimConfig(Strict):
     lr: PositiveFloat | list[PositiveFloat] = Field(
         default_factory=lambda: [0.08, 0.04], description="one learning rate per layer (input first, readout "
                                                          "last), or one number for every layer")
+    frozen: list[str] = Field(
+        default_factory=list, description="parameters held at their initial values, by name as in "
+                                          "model.named_parameters() (e.g. layers.0.bias): left out of the "
+                                          "optimizer, so no estimator moves them")
     momentum: Fraction = 0.0
     nesterov: bool = False
-    weight_decay: NonNegativeFloat = 0.0
+    weight_decay: NonNegativeFloat = Field(0.0, description="L2 weight decay λ (continual estimators: θ ← (1 - ηλ) θ "
+                                                          "once per batch, after the nudged phase)")
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     fused: bool = Field(True, description="use PyTorch's fused optimizer kernels (one pass over all weights)")
@@ -366,9 +371,10 @@ class RunConfig(Strict):
                 raise ValueError(f"estimator.{field}: not used by estimator {self.estimator.name}")
         if cls.moves_weights:
             o = self.optim
-            if o.name != "sgd" or o.momentum or o.weight_decay or o.nesterov:
+            if o.name != "sgd" or o.momentum or o.nesterov:
                 raise ValueError(f"optim: {self.estimator.name} moves the weights itself with plain SGD steps "
-                                 "during the nudged phase; use name sgd, momentum 0, weight_decay 0")
+                                 "during the nudged phase; use name sgd, momentum 0 (weight_decay applies once "
+                                 "per batch, after the phase)")
             if self.train.compile:
                 raise ValueError(f"train.compile: {self.estimator.name} runs its nudged phase step by step "
                                  "(the weights move at every step); compile applies to the other estimators")

@@ -32,9 +32,14 @@ updates to rounding, about the cost of a one-sided EP step.
 Learning rates and the optimizer: :meth:`ContinualEP.train_step` moves the
 weights itself with plain SGD steps of each group's current ``lr`` (so
 per-layer rates and schedulers apply) and never calls ``optimizer.step()``.
-Momentum, Nesterov, weight decay, ``maximize`` and non-SGD optimizers have no
-meaning for updates made inside the phase: they are refused with a
-``ValueError`` rather than silently ignored.
+Weight decay λ (a group's ``weight_decay``) is applied once per batch, after the
+phase: ``θ ← (1 - η λ) θ``, the decay term of one SGD step; the phase's own
+steps stay those above (λ = 0, the default, is the paper's rule). It is the
+leak of the Kolen-Pollack rule (Laborieux 2021): it bounds the weights, and
+for C-VF it shrinks the part of W and B^T that the rule does not move alike.
+Momentum, Nesterov, ``maximize`` and non-SGD optimizers have no meaning for
+updates made inside the phase: they are refused with a ``ValueError`` rather
+than silently ignored.
 
 :meth:`ContinualEP.estimate` does not change the model (the weights are
 restored afterwards) and returns the total update divided by η per parameter,
@@ -54,6 +59,18 @@ On MNIST batches of 20 (λ_max 25-59, median 41) that bound is about 1.2 at the 
 at the C-VF-1h rates. Measured (``benchmarks/continual_feedback.py``), at the C-VF-1h rates the
 summed update of a phase differs from its η → 0 limit by about the limit's own size in the median
 batch (β > 0), and at twice those rates the phase runs away (by a hundred times it).
+
+C-VF's updates do not telescope, and that is what makes C-VF-1h collapse late in training
+(README, *Reproduction*). C-EP sums ``G(s_{t+1}) - G(s_t)`` over the phase, so whatever the
+state does between its ends cancels. C-VF sums ``(s^n_{t+1} - s^n_t) (s^m_t)^T``: for a sample
+whose state alternates between two values (the period-2 cycle that synchronous updates fall
+into once a loop's gain between two layers nears 1), each pair of steps adds
+``(b - a)(c - d)^T`` with the same sign (a, b the post-synaptic values, c, d the pre-synaptic
+ones): for a loop of positive gain it strengthens both W and B along the loop, which raises the
+gain and brings more samples into a cycle. ``ContinualVF(settle_tol=...)``
+(``estimator.options.settle_tol``) leaves out of the updates the samples whose free phase
+has not settled, by the free solver's own last-step residual: EP's estimate assumes a steady
+state, and for these samples there is none. With every sample settled it is the paper's rule.
 """
 from __future__ import annotations
 
@@ -62,6 +79,7 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
@@ -96,7 +114,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
                            target: Tensor, steps: int, lrs: Sequence[float], rule: Rule = "ep",
                            record: bool = False,
                            vf_grads: VectorFieldGrads = vector_field_grads,
-                           telescope: bool = True) -> ContinualResult:
+                           telescope: bool = True, include: Tensor | None = None) -> ContinualResult:
     """Run ``steps`` nudged steps from ``state`` moving the weights at every step (module docstring).
 
     Changes the model's parameters in place (``p += lr · Δ_θ(t)``; ``lrs``
@@ -106,6 +124,11 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     ``telescope``: take the fast path of :func:`telescoped_first_layer` where it
     applies (a fully connected model, no ``record``, the model's own
     ``vector_field_grads``); ``False`` forces the generic per-step path.
+
+    ``include``: ``[B]`` booleans, the samples whose steps update the weights
+    (None: all). The others run the phase like the rest but count as if their
+    state stood still, so they add nothing (not for a readout with parameters,
+    whose first step counts from its free value 0).
     """
     if beta == 0.0:
         raise ValueError("continual EP needs a nonzero β")
@@ -115,9 +138,11 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     lrs = [float(lr) for lr in lrs]
     if len(lrs) != len(params):
         raise ValueError(f"{len(lrs)} learning rates for {len(params)} trainable parameters")
+    if include is not None and any(True for _ in model.head.parameters()):
+        raise ValueError("leaving samples out of a continual phase needs a readout without parameters")
     if (telescope and not record and (rule == "ep" or vf_grads is vector_field_grads)
             and first_layer_telescopes(model, clamped)):
-        return telescoped_first_layer(model, clamped, state, beta, target, steps, lrs, rule)
+        return telescoped_first_layer(model, clamped, state, beta, target, steps, lrs, rule, include)
     moving = any(lr != 0.0 for lr in lrs)
     inv_beta = 1.0 / beta
     total = [torch.zeros_like(p) for p in params]
@@ -125,7 +150,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     param_steps: list[list[Tensor]] | None = [] if record else None
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        updates = step_updates(model, clamped, nxt, state, beta, target, t, rule, vf_grads)
+        updates = step_updates(model, clamped, counted(nxt, state, include), state, beta, target, t, rule, vf_grads)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
         # the updates are G differences; 1/β (and η/β) are folded into the in-place adds
@@ -140,6 +165,14 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
             clamped = model.refresh_clamped(clamped)
         state = nxt
     return ContinualResult(total, state, clamped, neuron_steps, param_steps)
+
+
+def counted(nxt: State, state: State, include: Tensor | None) -> State:
+    """``nxt`` for the samples in ``include`` (``[B]`` booleans), ``state`` for the others:
+    the step as the update rules see it (an unchanged sample adds nothing)."""
+    if include is None:
+        return nxt
+    return [torch.where(include.view(-1, *([1] * (a.dim() - 1))), a, b) for a, b in zip(nxt, state)]
 
 
 def step_updates(model: EnergyModel, clamped: Clamped, nxt: State, state: State, beta: float, target: Tensor,
@@ -169,7 +202,8 @@ def first_layer_telescopes(model: EnergyModel, clamped: Clamped) -> bool:
 
 
 def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta: float, target: Tensor,
-                           steps: int, lrs: list[float], rule: Rule) -> ContinualResult:
+                           steps: int, lrs: list[float], rule: Rule,
+                           include: Tensor | None = None) -> ContinualResult:
     """:func:`continual_nudged_phase` for a fully connected model, its first layer telescoped.
 
     For the first layer, on the clamped input x (``[B, input]``), both rules
@@ -210,7 +244,8 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     total = [torch.zeros_like(p) for p in params]
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        updates = step_updates(model, no_input, nxt, state, beta, target, t, rule)
+        seen = counted(nxt, state, include)
+        updates = step_updates(model, no_input, seen, state, beta, target, t, rule)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
         for i, (p, u, acc, lr) in enumerate(zip(params, updates, total, lrs)):
@@ -220,10 +255,10 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
             if lr != 0.0:
                 p.add_(u, alpha=lr * inv_beta)
         if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
-            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, nxt[0] - start)
+            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, first_change(nxt[0], start, include))
             clamped = model.clamped_from_drive(x, drive, clamped.transposed)
         state = nxt
-    change = state[0] - start   # the first layer's whole-phase update, telescoped
+    change = first_change(state[0], start, include)   # the first layer's whole-phase update, telescoped
     total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)
     total[i_b].add_(change.mean(dim=0), alpha=inv_beta)
     for i in (i_w, i_b):
@@ -232,27 +267,34 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     return ContinualResult(total, state, clamped)
 
 
-def optimizer_learning_rates(model: EnergyModel, optimizer: torch.optim.Optimizer) -> list[float]:
-    """Per trainable parameter, the ``lr`` of the optimizer group holding it (0 if none).
+def first_change(now: Tensor, start: Tensor, include: Tensor | None) -> Tensor:
+    """``Δ_t = s^1_t - s^1_0`` of :func:`telescoped_first_layer`, zero for the samples not in ``include``."""
+    change = now - start
+    return change if include is None else change.mul_(include.view(-1, 1))
+
+
+def optimizer_learning_rates(model: EnergyModel,
+                             optimizer: torch.optim.Optimizer) -> tuple[list[float], list[float]]:
+    """Per trainable parameter, the ``lr`` and ``weight_decay`` of the optimizer group holding it
+    (0 and 0 if none).
 
     Refuses what a continual estimator cannot honour: any optimizer but SGD,
-    momentum, Nesterov, weight decay and ``maximize``.
+    momentum, Nesterov and ``maximize``.
     """
     if not isinstance(optimizer, torch.optim.SGD):
         raise ValueError(f"continual estimators move the weights with plain SGD steps inside the nudged "
                          f"phase; {type(optimizer).__name__} cannot apply: use optim.name=sgd")
-    lr_of: dict[int, float] = {}
+    rates_of: dict[int, tuple[float, float]] = {}
     for group in optimizer.param_groups:
-        for key in ("momentum", "weight_decay"):
-            if group.get(key, 0.0):
-                raise ValueError(f"continual estimators make plain SGD steps inside the nudged phase; "
-                                 f"the optimizer's {key} ({group[key]}) cannot apply: set optim.{key}=0")
+        if group.get("momentum", 0.0):
+            raise ValueError(f"continual estimators make plain SGD steps inside the nudged phase; "
+                             f"the optimizer's momentum ({group['momentum']}) cannot apply: set optim.momentum=0")
         if group.get("nesterov", False) or group.get("maximize", False):
             raise ValueError("continual estimators make plain SGD steps: nesterov/maximize cannot apply")
-        lr = float(group["lr"])
         for p in group["params"]:
-            lr_of[id(p)] = lr
-    return [lr_of.get(id(p), 0.0) for p in model.trainable_parameters()]
+            rates_of[id(p)] = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
+    rates = [rates_of.get(id(p), (0.0, 0.0)) for p in model.trainable_parameters()]
+    return [lr for lr, _ in rates], [decay for _, decay in rates]
 
 
 def layer_learning_rates(model: EnergyModel, lr: float | Sequence[float]) -> list[float]:
@@ -295,7 +337,7 @@ class ContinualEP(Estimator):
 
     def check_model(self, model: EnergyModel) -> None:
         """Refuse a model the rule cannot train (C-VF: no vector_field_grads)."""
-        if self.rule == "vf" and not model.is_vector_field:
+        if self.rule != "ep" and not model.is_vector_field:
             raise TypeError(f"{self.name} needs a vector-field model (with vector_field_grads); "
                             f"{type(model).__name__} has none")
 
@@ -304,9 +346,15 @@ class ContinualEP(Estimator):
         self.check_model(model)
         clamped = model.clamp(x)
         free, free_stats = self.free_phase(model, clamped, start)
+        include = self.settled(free_stats)
         result = continual_nudged_phase(model, clamped, free, self.beta(), target, self.phases.t2, lrs,
-                                        self.rule, telescope=self.telescope_first_layer)
-        return Estimate(result.direction, free, free_stats, SolverStats(self.phases.t2, None))
+                                        self.rule, telescope=self.telescope_first_layer, include=include)
+        excluded = None if include is None else (~include).sum()
+        return Estimate(result.direction, free, free_stats, SolverStats(self.phases.t2, None, excluded=excluded))
+
+    def settled(self, free_stats: SolverStats) -> Tensor | None:
+        """Per sample, whether its steps count in the updates; None: every sample (C-EP always)."""
+        return None
 
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None,
@@ -329,10 +377,25 @@ class ContinualEP(Estimator):
     @torch.no_grad()
     def train_step(self, model: EnergyModel, x: Tensor, target: Tensor,
                    optimizer: torch.optim.Optimizer, start: State | None = None) -> Estimate:
-        """Move the weights during the nudged phase with the optimizer's per-group rates (no ``step()``)."""
-        lrs = optimizer_learning_rates(model, optimizer)
+        """Move the weights during the nudged phase with the optimizer's per-group rates, then
+        apply its weight decay once (no ``step()``; module docstring)."""
+        lrs, decays = optimizer_learning_rates(model, optimizer)
         self._last_lrs = lrs
-        return self._run(model, x, target, lrs, start)
+        result = self._run(model, x, target, lrs, start)
+        for p, lr, decay in zip(model.trainable_parameters(), lrs, decays):
+            if lr and decay:
+                p.mul_(1.0 - lr * decay)
+        return result
+
+
+class ContinualVFOptions(BaseModel):
+    """``estimator.options`` of ``c_vf``."""
+
+    model_config = ConfigDict(extra="forbid")
+    settle_tol: PositiveFloat | None = Field(
+        None, description="leave out of the updates the samples whose free phase has not settled: last free "
+                          "step's max-norm change above this (a state cycling between two values makes C-VF "
+                          "grow its W-B loop; eqprop.estimators.continual); None: every sample, the paper's rule")
 
 
 @register("c_vf")
@@ -341,3 +404,19 @@ class ContinualVF(ContinualEP):
 
     rule: ClassVar[Rule] = "vf"
     models = "vector_field"
+    options_schema = ContinualVFOptions
+
+    def __init__(self, phases: Phases, generator: torch.Generator | None = None, random_sign: bool = False,
+                 lr: float | Sequence[float] = 0.0, settle_tol: float | None = None) -> None:
+        super().__init__(phases, generator, random_sign, lr)
+        if settle_tol is not None and not settle_tol > 0.0:
+            raise ValueError(f"settle_tol must be positive (or None), got {settle_tol}")
+        self.settle_tol = settle_tol
+
+    def settled(self, free_stats: SolverStats) -> Tensor | None:
+        """Per sample, whether its free phase settled (``settle_tol``); None: every sample counts."""
+        if self.settle_tol is None:
+            return None
+        if free_stats.residual is None:
+            raise ValueError(f"settle_tol: the free solver ({self.phases.free_solver().name}) reports no residual")
+        return free_stats.residual <= self.settle_tol

@@ -38,13 +38,16 @@ class SolverStats:
     ``converged``: whether every residual met the solver's tolerance (None for
     a solver without one, which never looks). ``fallbacks``: plain steps the
     Anderson safeguard took instead of an extrapolation, summed over samples (a
-    0-d tensor on the device, 0 for the other solvers).
+    0-d tensor on the device, 0 for the other solvers). ``excluded``: samples
+    the estimator left out of this phase's update (a 0-d tensor; None where it
+    leaves none out, e.g. C-VF with ``settle_tol``).
     """
 
     steps: int
     residual: Tensor | None
     converged: bool | None = None
     fallbacks: Tensor | int = 0
+    excluded: Tensor | None = None
 
 
 def state_change(new: State, old: State) -> Tensor:

@@ -104,6 +104,7 @@ class SolverTotals:
         self.measured = 0    # residuals summed
         self.residual = torch.zeros((), dtype=torch.float64, device=device)
         self.fallbacks = torch.zeros((), dtype=torch.int64, device=device)
+        self.excluded: torch.Tensor | None = None   # samples left out of the updates, if counted
 
     def add(self, stats: SolverStats | None) -> None:
         if stats is None:
@@ -117,17 +118,22 @@ class SolverTotals:
             self.measured += stats.residual.numel()
         if isinstance(stats.fallbacks, torch.Tensor):
             self.fallbacks += stats.fallbacks
+        if stats.excluded is not None:
+            self.excluded = stats.excluded if self.excluded is None else self.excluded + stats.excluded
 
     def summary(self, prefix: str) -> dict[str, float]:
         """``{prefix}_steps`` (mean per phase), ``_steps_max``, ``_residual`` (mean final residual per
         sample), ``_capped`` (fraction of phases that hit the cap short of the tolerance),
-        ``_fallbacks`` (Anderson's plain steps); empty if no phase ran."""
+        ``_fallbacks`` (Anderson's plain steps), ``_excluded`` (samples the estimator left out of
+        the updates, where it counts them); empty if no phase ran."""
         if not self.phases:
             return {}
         summary = {f"{prefix}_steps": self.steps / self.phases, f"{prefix}_steps_max": self.max_steps,
                    f"{prefix}_capped": self.capped / self.phases, f"{prefix}_fallbacks": int(self.fallbacks.item())}
         if self.measured:
             summary[f"{prefix}_residual"] = self.residual.item() / self.measured
+        if self.excluded is not None:
+            summary[f"{prefix}_excluded"] = int(self.excluded.item())
         return summary
 
 
