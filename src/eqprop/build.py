@@ -142,7 +142,8 @@ def build_optimizer(config: OptimConfig, model: EnergyModel, ascend: bool = Fals
     if len(rates) != len(groups):
         raise ConfigError(f"optim.lr: the model has {len(groups)} layers (input first, readout last) "
                           f"but {len(rates)} learning rates were given (or give one number for all)")
-    param_groups = [{"params": params, "lr": lr} for params, lr in zip(_unfrozen(groups, config.frozen, model), rates)]
+    groups = _unfrozen(groups, config.frozen, model)
+    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, rates)]
     if config.name == "sgd":
         if config.nesterov and config.momentum == 0:
             raise ConfigError("optim.nesterov: needs a momentum > 0")

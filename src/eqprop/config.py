@@ -266,8 +266,9 @@ class OptimConfig(Strict):
                                           "optimizer, so no estimator moves them")
     momentum: Fraction = 0.0
     nesterov: bool = False
-    weight_decay: NonNegativeFloat = Field(0.0, description="L2 weight decay λ (continual estimators: θ ← (1 - ηλ) θ "
-                                                          "once per batch, after the nudged phase)")
+    weight_decay: NonNegativeFloat = Field(
+        0.0, description="L2 weight decay λ (continual estimators: θ ← (1 - ηλ) θ once per batch, after the "
+                         "nudged phase)")
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     fused: bool = Field(True, description="use PyTorch's fused optimizer kernels (one pass over all weights)")

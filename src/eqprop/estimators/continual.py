@@ -35,8 +35,8 @@ per-layer rates and schedulers apply) and never calls ``optimizer.step()``.
 Weight decay λ (a group's ``weight_decay``) is applied once per batch, after the
 phase: ``θ ← (1 - η λ) θ``, the decay term of one SGD step; the phase's own
 steps stay those above (λ = 0, the default, is the paper's rule). It is the
-leak of the Kolen-Pollack rule (Laborieux 2021): it bounds the weights, and
-for C-VF it shrinks the part of W and B^T that the rule does not move alike.
+leak of the Kolen-Pollack rule (Laborieux 2021): it shrinks W and B alike,
+and with them their difference W - B^T.
 Momentum, Nesterov, ``maximize`` and non-SGD optimizers have no meaning for
 updates made inside the phase: they are refused with a ``ValueError`` rather
 than silently ignored.
@@ -150,7 +150,8 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     param_steps: list[list[Tensor]] | None = [] if record else None
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        updates = step_updates(model, clamped, counted(nxt, state, include), state, beta, target, t, rule, vf_grads)
+        seen = counted(nxt, state, include)
+        updates = step_updates(model, clamped, seen, state, beta, target, t, rule, vf_grads)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
         # the updates are G differences; 1/β (and η/β) are folded into the in-place adds

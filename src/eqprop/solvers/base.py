@@ -39,8 +39,8 @@ class SolverStats:
     a solver without one, which never looks). ``fallbacks``: plain steps the
     Anderson safeguard took instead of an extrapolation, summed over samples (a
     0-d tensor on the device, 0 for the other solvers). ``excluded``: samples
-    the estimator left out of this phase's update (a 0-d tensor; None where it
-    leaves none out, e.g. C-VF with ``settle_tol``).
+    the estimator left out of this phase's update (a 0-d tensor; None for the
+    estimators that never leave one out, all but C-VF with ``settle_tol``).
     """
 
     steps: int
