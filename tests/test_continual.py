@@ -568,40 +568,44 @@ def test_config_refuses_compile_for_estimators_that_move_the_weights():
         validate_config(data)
 
 
+@pytest.mark.parametrize("kind", ["c_ep", "c_vf"])
 @pytest.mark.parametrize("telescope", [True, False])
-def test_c_vf_with_settle_tol_leaves_unsettled_samples_out_of_the_updates(telescope):
-    model, x, target = fc_model("c_vf", "mse")
+def test_settle_tol_leaves_unsettled_samples_out_of_the_updates(kind, telescope):
+    model, x, target = fc_model(kind, "mse")
     reference = copy.deepcopy(model)
     phases = Phases(3, 6, 0.2)   # a free phase too short for every sample to settle
-    probe = build_estimator("c_vf", phases)
+    probe = build_estimator(kind, phases)
     _, stats = probe.free_phase(model, model.clamp(x))
     tol = float(stats.residual.median())
     settled = stats.residual <= tol
     assert 0 < int(settled.sum()) < x.shape[0]
-    lrs = [0.05, 0.02]
-    gated = build_estimator("c_vf", phases, settle_tol=tol)
+    lrs = [0.05, 0.02, 0.01]   # every layer moves
+    gated = build_estimator(kind, phases, settle_tol=tol)
     gated.telescope_first_layer = telescope
     result = gated.train_step(model, x, target, sgd(model, lrs))
     assert int(result.nudged_stats.excluded) == int((~settled).sum())
     # the settled samples alone, their batch mean rescaled to the whole batch's
     share = float(settled.sum()) / x.shape[0]
-    alone = build_estimator("c_vf", phases)
+    alone = build_estimator(kind, phases)
     alone.telescope_first_layer = telescope
     expected = alone.train_step(reference, x[settled], target[settled], sgd(reference, [lr * share for lr in lrs]))
-    assert_relative([d for d in result.direction], [share * d for d in expected.direction], DIRECTION_RTOL)
+    assert_relative(result.direction, [share * d for d in expected.direction], DIRECTION_RTOL)
     assert_relative(model.trainable_parameters(), reference.trainable_parameters())
 
 
-def test_c_vf_settle_tol_is_validated_and_needs_a_readout_without_parameters():
+def test_settle_tol_is_validated_and_needs_a_readout_without_parameters():
     from eqprop.config import ConfigError, validate_config
     from eqprop.presets import load_preset
-    data = load_preset("cvf-1h")
-    data["estimator"]["options"] = {"settle_tol": 1e-3}
-    validate_config(data)
-    for wrong in ({"settle_tol": -1.0}, {"settle_to": 1e-3}):
-        data["estimator"]["options"] = wrong
-        with pytest.raises((ConfigError, ValueError), match="settle_to"):
-            validate_config(data)
+    for preset in ("cep-1h", "cvf-1h"):
+        data = load_preset(preset)
+        data["estimator"]["options"] = {"settle_tol": 1e-3}
+        validate_config(data)
+        for wrong in ({"settle_tol": -1.0}, {"settle_to": 1e-3}):
+            data["estimator"]["options"] = wrong
+            with pytest.raises((ConfigError, ValueError), match="settle_to"):
+                validate_config(data)
+    with pytest.raises(ValueError, match="settle_tol must be positive"):
+        ContinualEP(PHASES, settle_tol=float("nan"))
     model, x, target = fc_model("c_vf", "ce")
     with pytest.raises(ValueError, match="readout without parameters"):
         build_estimator("c_vf", Phases(3, 4, 0.2), settle_tol=1e-9).train_step(model, x, target, sgd(model, [0.1] * 4))

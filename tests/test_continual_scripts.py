@@ -1,7 +1,10 @@
-"""The C-VF evidence scripts: the feedback of continual updates, and the angle experiment's table."""
+"""The C-VF evidence scripts: the feedback of continual updates, the angle experiment's table, the
+free-phase cycles and their push, and the harness of the authors' code."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from eqprop.presets import load_preset
 from eqprop.config import validate_config
@@ -111,3 +114,20 @@ def test_the_authors_code_harness_resumes_where_it_stopped(tmp_path, data_root):
     (repo / "netClasses.py").unlink()
     missing = run("none", 1)
     assert missing.returncode != 0 and "not a checkout of ernoult/continualEP" in missing.stderr
+
+
+def test_free_phase_cycles_counts_every_sample_and_splits_the_push_by_settling(tmp_path):
+    cycles = load_script("free_phase_cycles")
+    folder = tiny_cvf(tmp_path, 0.01)
+    checkpoint = folder / "checkpoint.pt"
+    everyone = cycles.measure(checkpoint, None, batches=2, steps=30, tol=1e-4, push_batches=2, settle_tol=1e9)
+    assert everyone["steady"] + everyone["period_2"] + everyone["neither"] == everyone["samples"] == 40
+    push = everyone["push"]
+    assert push["samples"] == {"unsettled": 0, "settled": 80}   # two batches of 20 at +β and at -β
+    assert set(push["norm_growth_per_sample"]["settled"]) == {"layers.0.weight", "layers.1.weight",
+                                                              "backward.layers.1"}
+    assert all(v == 0.0 for v in push["norm_growth_per_sample"]["unsettled"].values())
+    nobody = cycles.measure(checkpoint, None, batches=1, steps=30, tol=1e-4, push_batches=2, settle_tol=1e-30)
+    assert nobody["push"]["samples"] == {"unsettled": 80, "settled": 0}
+    assert nobody["push"]["norm_growth_per_sample"]["unsettled"] == pytest.approx(
+        push["norm_growth_per_sample"]["settled"], rel=1e-9)

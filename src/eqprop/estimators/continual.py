@@ -67,10 +67,10 @@ whose state alternates between two values (the period-2 cycle that synchronous u
 into once a loop's gain between two layers nears 1), each pair of steps adds
 ``(b - a)(c - d)^T`` with the same sign (a, b the post-synaptic values, c, d the pre-synaptic
 ones): for a loop of positive gain it strengthens both W and B along the loop, which raises the
-gain and brings more samples into a cycle. ``ContinualVF(settle_tol=...)``
-(``estimator.options.settle_tol``) leaves out of the updates the samples whose free phase
-has not settled, by the free solver's own last-step residual: EP's estimate assumes a steady
-state, and for these samples there is none. With every sample settled it is the paper's rule.
+gain and brings more samples into a cycle. ``settle_tol`` (``estimator.options.settle_tol``,
+both estimators) leaves out of the updates the samples whose free phase has not settled, by the
+free solver's own last-step residual: EP's estimate assumes a steady state, and for these samples
+there is none. With every sample settled it is the paper's rule.
 """
 from __future__ import annotations
 
@@ -143,6 +143,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     if (telescope and not record and (rule == "ep" or vf_grads is vector_field_grads)
             and first_layer_telescopes(model, clamped)):
         return telescoped_first_layer(model, clamped, state, beta, target, steps, lrs, rule, include)
+    keep = sample_masks(include, state)
     moving = any(lr != 0.0 for lr in lrs)
     inv_beta = 1.0 / beta
     total = [torch.zeros_like(p) for p in params]
@@ -150,7 +151,7 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     param_steps: list[list[Tensor]] | None = [] if record else None
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        seen = counted(nxt, state, include)
+        seen = counted(nxt, state, keep)
         updates = step_updates(model, clamped, seen, state, beta, target, t, rule, vf_grads)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
@@ -168,12 +169,29 @@ def continual_nudged_phase(model: EnergyModel, clamped: Clamped, state: State, b
     return ContinualResult(total, state, clamped, neuron_steps, param_steps)
 
 
-def counted(nxt: State, state: State, include: Tensor | None) -> State:
-    """``nxt`` for the samples in ``include`` (``[B]`` booleans), ``state`` for the others:
-    the step as the update rules see it (an unchanged sample adds nothing)."""
+@dataclasses.dataclass
+class SampleMasks:
+    """``include`` (``[B]`` booleans) shaped once per phase to broadcast over each layer, with
+    one buffer per layer for :func:`counted` (no allocation per step)."""
+
+    keep: list[Tensor]
+    seen: list[Tensor]
+
+
+def sample_masks(include: Tensor | None, state: State) -> SampleMasks | None:
+    """The masks of a phase that leaves the samples outside ``include`` out (None: none)."""
     if include is None:
+        return None
+    return SampleMasks([include.view(-1, *([1] * (s.dim() - 1))) for s in state],
+                       [torch.empty_like(s) for s in state])
+
+
+def counted(nxt: State, state: State, masks: SampleMasks | None) -> State:
+    """``nxt`` for the included samples, ``state`` for the others: the step as the update rules
+    see it (an unchanged sample adds nothing). Written into the masks' buffers."""
+    if masks is None:
         return nxt
-    return [torch.where(include.view(-1, *([1] * (a.dim() - 1))), a, b) for a, b in zip(nxt, state)]
+    return [torch.where(k, a, b, out=o) for k, a, b, o in zip(masks.keep, nxt, state, masks.seen)]
 
 
 def step_updates(model: EnergyModel, clamped: Clamped, nxt: State, state: State, beta: float, target: Tensor,
@@ -243,9 +261,11 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
         mixing = torch.mm(x, x.t()).mul_(rate_w * inv_batch).add_(rate_b * inv_batch)
     no_input = Clamped(x[:, :0])   # the update rules' first-layer outer product becomes [H, 0]
     total = [torch.zeros_like(p) for p in params]
+    masks = sample_masks(include, state)
+    first_keep = None if masks is None else masks.keep[0]
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
-        seen = counted(nxt, state, include)
+        seen = counted(nxt, state, masks)
         updates = step_updates(model, no_input, seen, state, beta, target, t, rule)
         if len(updates) != len(params):
             raise RuntimeError(f"{type(model).__name__} gave {len(updates)} updates for {len(params)} parameters")
@@ -256,10 +276,10 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
             if lr != 0.0:
                 p.add_(u, alpha=lr * inv_beta)
         if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
-            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, first_change(nxt[0], start, include))
+            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, first_change(nxt[0], start, first_keep))
             clamped = model.clamped_from_drive(x, drive, clamped.transposed)
         state = nxt
-    change = first_change(state[0], start, include)   # the first layer's whole-phase update, telescoped
+    change = first_change(state[0], start, first_keep)   # the first layer's whole-phase update, telescoped
     total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)
     total[i_b].add_(change.mean(dim=0), alpha=inv_beta)
     for i in (i_w, i_b):
@@ -268,10 +288,10 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     return ContinualResult(total, state, clamped)
 
 
-def first_change(now: Tensor, start: Tensor, include: Tensor | None) -> Tensor:
-    """``Δ_t = s^1_t - s^1_0`` of :func:`telescoped_first_layer`, zero for the samples not in ``include``."""
+def first_change(now: Tensor, start: Tensor, keep: Tensor | None) -> Tensor:
+    """``Δ_t = s^1_t - s^1_0`` of :func:`telescoped_first_layer`, zero for the samples ``keep`` leaves out."""
     change = now - start
-    return change if include is None else change.mul_(include.view(-1, 1))
+    return change if keep is None else change.mul_(keep)
 
 
 def optimizer_learning_rates(model: EnergyModel,
@@ -310,6 +330,16 @@ def layer_learning_rates(model: EnergyModel, lr: float | Sequence[float]) -> lis
     return [lr_of.get(id(p), 0.0) for p in model.trainable_parameters()]
 
 
+class ContinualOptions(BaseModel):
+    """``estimator.options`` of ``c_ep`` and ``c_vf``."""
+
+    model_config = ConfigDict(extra="forbid")
+    settle_tol: PositiveFloat | None = Field(
+        None, description="leave out of the updates the samples whose free phase has not settled: last free "
+                          "step's max-norm change above this (a state cycling between two values makes C-VF grow "
+                          "its W-B loop; eqprop.estimators.continual); None: every sample, the paper's rule")
+
+
 @register("c_ep")
 class ContinualEP(Estimator):
     """Continual EP: the weights follow ``(G(s_{t+1}) - G(s_t))/β`` at every nudged step."""
@@ -320,14 +350,19 @@ class ContinualEP(Estimator):
     #: set ``False`` on an instance to force the generic per-step path (tests, benchmarks)
     telescope_first_layer: bool = True
     moves_weights = True
+    options_schema = ContinualOptions
 
     def __init__(self, phases: Phases, generator: torch.Generator | None = None,
-                 random_sign: bool = False, lr: float | Sequence[float] = 0.0) -> None:
+                 random_sign: bool = False, lr: float | Sequence[float] = 0.0,
+                 settle_tol: float | None = None) -> None:
         super().__init__(phases, generator)
         if phases.beta == 0.0:
             raise ValueError("continual EP needs a nonzero β")
+        if settle_tol is not None and not settle_tol > 0.0:
+            raise ValueError(f"settle_tol must be positive (or None), got {settle_tol}")
         self.random_sign = bool(random_sign)
         self.lr = lr
+        self.settle_tol = settle_tol
         self._last_lrs: list[float] | None = None
 
     def beta(self) -> float:
@@ -354,8 +389,12 @@ class ContinualEP(Estimator):
         return Estimate(result.direction, free, free_stats, SolverStats(self.phases.t2, None, excluded=excluded))
 
     def settled(self, free_stats: SolverStats) -> Tensor | None:
-        """Per sample, whether its steps count in the updates; None: every sample (C-EP always)."""
-        return None
+        """Per sample, whether its free phase settled (``settle_tol``); None: every sample counts."""
+        if self.settle_tol is None:
+            return None
+        if free_stats.residual is None:
+            raise ValueError(f"settle_tol: the free solver ({self.phases.free_solver().name}) reports no residual")
+        return free_stats.residual <= self.settle_tol
 
     @torch.no_grad()
     def estimate(self, model: EnergyModel, x: Tensor, target: Tensor, start: State | None = None,
@@ -389,35 +428,9 @@ class ContinualEP(Estimator):
         return result
 
 
-class ContinualVFOptions(BaseModel):
-    """``estimator.options`` of ``c_vf``."""
-
-    model_config = ConfigDict(extra="forbid")
-    settle_tol: PositiveFloat | None = Field(
-        None, description="leave out of the updates the samples whose free phase has not settled: last free "
-                          "step's max-norm change above this (a state cycling between two values makes C-VF "
-                          "grow its W-B loop; eqprop.estimators.continual); None: every sample, the paper's rule")
-
-
 @register("c_vf")
 class ContinualVF(ContinualEP):
     """Continual VF: W, b and B follow (post-synaptic change) x (pre-synaptic state) / β per step."""
 
     rule: ClassVar[Rule] = "vf"
     models = "vector_field"
-    options_schema = ContinualVFOptions
-
-    def __init__(self, phases: Phases, generator: torch.Generator | None = None, random_sign: bool = False,
-                 lr: float | Sequence[float] = 0.0, settle_tol: float | None = None) -> None:
-        super().__init__(phases, generator, random_sign, lr)
-        if settle_tol is not None and not settle_tol > 0.0:
-            raise ValueError(f"settle_tol must be positive (or None), got {settle_tol}")
-        self.settle_tol = settle_tol
-
-    def settled(self, free_stats: SolverStats) -> Tensor | None:
-        """Per sample, whether its free phase settled (``settle_tol``); None: every sample counts."""
-        if self.settle_tol is None:
-            return None
-        if free_stats.residual is None:
-            raise ValueError(f"settle_tol: the free solver ({self.phases.free_solver().name}) reports no residual")
-        return free_stats.residual <= self.settle_tol

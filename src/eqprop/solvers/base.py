@@ -40,7 +40,7 @@ class SolverStats:
     Anderson safeguard took instead of an extrapolation, summed over samples (a
     0-d tensor on the device, 0 for the other solvers). ``excluded``: samples
     the estimator left out of this phase's update (a 0-d tensor; None for the
-    estimators that never leave one out, all but C-VF with ``settle_tol``).
+    estimators that never leave one out: all but C-EP and C-VF with ``settle_tol``).
     """
 
     steps: int
