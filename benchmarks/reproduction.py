@@ -24,9 +24,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from eqprop.presets import load_preset
-from eqprop.training import load_checkpoint
-from eqprop.training.checkpoint import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent / "reproduction"
 
@@ -76,17 +76,23 @@ def commit() -> str | None:
         return None
 
 
-def record(folder: Path, command: str, note: str | None) -> dict:
-    """Write ``folder/record.json`` from the run's metrics and configuration."""
+def record(folder: Path, command: str, note: str | None, machine_name: str | None = None,
+           commit_hash: str | None = None) -> dict:
+    """Write ``folder/record.json`` from the run's metrics and configuration.
+
+    ``machine_name`` and ``commit_hash`` describe a run made elsewhere (a lent GPU whose metrics
+    came back here); by default, this machine and this checkout's commit."""
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not metrics:
         raise SystemExit(f"{folder} has no completed epoch")
     # the paper's epochs: the preset's (a run made in pieces may stop short of them), else the run's own target
-    target = load_checkpoint(folder / CHECKPOINT)["config"]["train"]["epochs"]
-    if folder.name.split("@")[0] in PAPER:
-        target = load_preset(folder.name.split("@")[0])["train"]["epochs"]
+    preset = folder.name.split("@")[0]
+    if preset in PAPER:
+        target = load_preset(preset)["train"]["epochs"]
+    else:
+        target = yaml.safe_load((folder / "config.yaml").read_text())["train"]["epochs"]
     best = min(metrics, key=lambda r: r["test_error"])
-    entry = {"command": command, "commit": commit(), "machine": machine(),
+    entry = {"command": command, "commit": commit_hash or commit(), "machine": machine_name or machine(),
              "training_seconds": sum(r["epoch_seconds"] for r in metrics), "epochs_run": metrics[-1]["epoch"],
              "epochs_target": target, "final_test_error": metrics[-1]["test_error"],
              "best_test_error": best["test_error"], "best_epoch": best["epoch"],
@@ -173,6 +179,8 @@ def main() -> None:
     add.add_argument("folder", type=Path)
     add.add_argument("--command", required=True, help="the command that ran it (data root as DATA)")
     add.add_argument("--note", help="anything a reader must know (pieces, shared CPU)")
+    add.add_argument("--machine", help="the hardware of a run made elsewhere (default: this machine)")
+    add.add_argument("--commit", help="the commit of a run made elsewhere (default: this checkout's)")
     show = commands.add_parser("table", help="print the reproduction table")
     show.add_argument("--readme", action="store_true", help="also write it into the README")
     compare = commands.add_parser("curves", help="chosen epochs of several records side by side")
@@ -184,7 +192,7 @@ def main() -> None:
         print(curves(args.rows, args.epochs, args.keys))
         return
     if args.action == "record":
-        print(json.dumps(record(args.folder, args.command, args.note), indent=1))
+        print(json.dumps(record(args.folder, args.command, args.note, args.machine, args.commit), indent=1))
         return
     rendered = table()
     print(rendered)

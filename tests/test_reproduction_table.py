@@ -65,6 +65,10 @@ def test_a_record_is_written_from_the_run_folder(tmp_path):
     (tmp_path / "rolled_back.jsonl").write_text(json.dumps({"epoch": 2, "test_error": 0.5}) + "\n" + json.dumps(
         {"epoch": 3, "collapse": "epoch 3: ...", "rollback": 1}) + "\n")
     assert reproduction.record(tmp_path, "eqprop train", None)["collapses"] == [3]
+    # a run made elsewhere (a lent GPU) keeps that machine and commit; no checkpoint is needed
+    (tmp_path / "checkpoint.pt").unlink()
+    elsewhere = reproduction.record(tmp_path, "eqprop train", None, "NVIDIA X", "abc123")
+    assert (elsewhere["machine"], elsewhere["commit"], elsewhere["epochs_target"]) == ("NVIDIA X", "abc123", 2)
 
 
 def test_the_readme_shows_the_table_rendered_from_the_records():
