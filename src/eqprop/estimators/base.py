@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
 from ..solvers import Solver, SolverStats, build_solver
-from ..registration import same_definition
+from ..registration import add_class, registered_class
 from ..targets import one_hot_targets
 
 
@@ -218,20 +218,13 @@ def register(name: str) -> Callable[[E], E]:
     """Class decorator: make an estimator available by ``name`` in configs (a name taken by another
     estimator is refused: a built-in keeps its meaning)."""
     def add(cls: E) -> E:
-        if name in ESTIMATORS and not same_definition(ESTIMATORS[name], cls):
-            raise ValueError(f"estimator {name!r} is already registered")
-        cls.name = name
-        ESTIMATORS[name] = cls
-        return cls
+        return add_class(ESTIMATORS, "estimator", name, cls)
     return add
 
 
 def estimator_class(name: str) -> type[Estimator]:
     """The estimator class registered as ``name``."""
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}") from None
+    return registered_class(ESTIMATORS, "estimator", name)
 
 
 def build_estimator(name: str, phases: Phases, generator: torch.Generator | None = None,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..dynamics import PhaseRunner, run_alternating, run_phase
 from ..models.base import Clamped, EnergyModel, State
-from ..registration import same_definition
+from ..registration import add_class, registered_class
 
 Sweep = Literal["synchronous", "alternating"]
 #: the eager runner of each sweep (a backend may replace it by a faster one)
@@ -108,20 +108,13 @@ def register_solver(name: str) -> Callable[[S], S]:
     """Class decorator: make a solver available by ``name`` (``solver.name`` in configs; a name taken
     by another solver is refused)."""
     def add(cls: S) -> S:
-        if name in SOLVERS and not same_definition(SOLVERS[name], cls):
-            raise ValueError(f"solver {name!r} is already registered")
-        cls.name = name
-        SOLVERS[name] = cls
-        return cls
+        return add_class(SOLVERS, "solver", name, cls)
     return add
 
 
 def solver_class(name: str) -> type[Solver]:
     """The solver class registered as ``name``."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}") from None
+    return registered_class(SOLVERS, "solver", name)
 
 
 def build_solver(name: str, runner: PhaseRunner | None = None, **options: object) -> Solver:
