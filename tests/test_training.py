@@ -52,9 +52,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
     assert_resumed_run_equals_uninterrupted_run(config, tmp_path)
 
 
+@pytest.mark.parametrize("estimator", ["c_ep", "c_vf"])
+def test_a_resumed_continual_run_equals_an_uninterrupted_one(tmp_path, estimator):
+    """The continual estimators move the weights inside the phase and draw β's sign (C-VF) from
+    their own generator, with samples left out (settle_tol) and weight decay: a resumed run
+    still retraces the uninterrupted one."""
+    model = {"backward": "separate", "backward_init": "flipped", "nudge": "outside"} if estimator == "c_vf" else {}
+    config = small_config(model=model, estimator={"name": estimator, "random_sign": estimator == "c_vf",
+                                                  "options": {"settle_tol": 1e-6}},
+                          optim={"name": "sgd", "lr": [0.05, 0.02], "weight_decay": 1e-3},
+                          train={"epochs": 3})
+    records = assert_resumed_run_equals_uninterrupted_run(config, tmp_path)
+    assert all(0 < r["nudged_excluded"] < 400 for r in records)   # some samples left out, not all
+
+
 def assert_resumed_run_equals_uninterrupted_run(config, tmp_path):
     """``config`` trained straight, and stopped after epoch 1 then resumed: the same weights and
-    the same metrics (but the timings)."""
+    the same metrics (but the timings). Returns the uninterrupted run's records."""
     full = train(config, tmp_path / "full", log=quiet)
     first = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
     train(first, tmp_path / "split", log=quiet)
@@ -66,6 +80,7 @@ def assert_resumed_run_equals_uninterrupted_run(config, tmp_path):
     strip = lambda records: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
                              for r in records]
     assert strip(resumed) == strip(full)
+    return full
 
 
 def test_resume_drops_metrics_of_an_epoch_without_checkpoint(tmp_path):
