@@ -85,6 +85,17 @@ def test_two_processes_train_like_one(tmp_path, estimator):
     assert info["world_size"] == 2
 
 
+def test_every_process_stops_after_the_same_epoch_at_the_time_limit(tmp_path):
+    config = write_config(tmp_path, "symmetric", epochs=3)
+    done = eqprop("train", "--config", str(config), "--out", str(tmp_path / "cut"), "--time-limit", "0.01s",
+                  processes=2)
+    assert "stopped at the time limit after epoch 1 of 3" in done.stdout   # rank 0's clock decided for both
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    eqprop("train", "--resume", str(tmp_path / "cut"), processes=2)
+    eqprop("train", "--config", str(config), "--out", str(tmp_path / "whole"), processes=2)
+    assert_same_weights(tmp_path / "whole", tmp_path / "cut", atol=0.0)
+
+
 def test_a_killed_distributed_run_resumes_like_one_never_stopped(tmp_path):
     config = write_config(tmp_path, "symmetric", epochs=4, train_subset=1000)
     eqprop("train", "--config", str(config), "--out", str(tmp_path / "whole"), processes=2)

@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 2 on a usage or configuration error, 1 on any
 other failure (data, checkpoint, divergence, a run that does not learn, a run
-folder in use), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM).
+folder in use), 75 when ``train --time-limit`` stopped a run short of its
+target (resume it; 0 under torchrun, which reads any other status as a failure), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM).
 Errors are one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .build import resolve_device
 from .data import DataError
 from .distributed import DistributedError, finish, initialize, shutdown, world_from_environment
 from .presets import load_preset, preset_names
+from .training.time_limit import EXIT_TIME_LIMIT, parse_duration
 
 DEFAULT_PRESET = "demo"
 
@@ -43,6 +45,14 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _duration(text: str) -> float:
+    """argparse type: a duration (``90s``, ``50m``, ``2h``; a bare number is minutes), in seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -78,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default runs/NAME-TIMESTAMP)")
     train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR (with --config or "
                                                                   "--preset: start it there if DIR holds none yet)")
+    train.add_argument("--time-limit", type=_duration, metavar="DURATION",
+                       help="stop after the last epoch expected to end within DURATION (90s, 50m, 2h; a bare "
+                            "number is minutes), exit status 75; continue with --resume")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("presets", help="list the presets, one line each")
@@ -186,7 +199,8 @@ def command_train(args: argparse.Namespace) -> int:
             try:
                 records = train(config, out_dir, data_dir=args.data_dir, download=args.download,
                                 resume=args.resume is not None, log=interrupt.checked(print),
-                                show_progress=not args.no_progress and sys.stderr.isatty(), world=world)
+                                show_progress=not args.no_progress and sys.stderr.isatty(), world=world,
+                                time_limit=args.time_limit)
                 finish(world)
             except Exception as error:
                 if interrupt.seen:  # what a swallowed or converted Ctrl-C left behind
@@ -211,6 +225,12 @@ def command_train(args: argparse.Namespace) -> int:
         else:
             print(f"eqprop: {how} before the first epoch ended; nothing was saved", file=sys.stderr)
         return 143 if interrupt.signal == signal.SIGTERM else 130
+    if records and records[-1]["epoch"] < config.train.epochs:   # only the time limit ends a run early
+        if world.is_main:
+            print(f"stopped at the time limit after epoch {records[-1]['epoch']} of {config.train.epochs} "
+                  f"(test error {100 * records[-1]['test_error']:.2f}%): continue with "
+                  f"'eqprop train --resume {shlex.quote(str(out_dir))}'")
+        return 0 if world.distributed else EXIT_TIME_LIMIT   # torchrun takes any other status for a failure
     if records and world.is_main:
         last = records[-1]
         print(f"done: test error {100 * last['test_error']:.2f}% after epoch {last['epoch']}; outputs in {out_dir}")

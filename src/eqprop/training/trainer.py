@@ -36,6 +36,7 @@ from .callbacks import Callback, TensorBoardLogger
 from .collapse import CHANCE_MARGIN, CollapseGuard, collapse_reason
 from .run_info import record_session, session_info
 from .run_lock import RunLock
+from .time_limit import TimeLimit
 
 WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
 METRICS = "metrics.jsonl"
@@ -62,21 +63,25 @@ def checkpoint_config(path: Path, checkpoint: dict[str, Any] | None = None) -> R
 
 def train(config: RunConfig, out_dir: str | Path, *, data_dir: str | Path | None = None, download: bool = False,
           resume: bool = False, show_progress: bool = False, log: Callable[[str], None] = print,
-          callbacks: Sequence[Callback] = (), world: World = WORLD) -> list[dict[str, Any]]:
+          callbacks: Sequence[Callback] = (), world: World = WORLD,
+          time_limit: float | None = None) -> list[dict[str, Any]]:
     """Train ``config`` in ``out_dir`` (continuing its checkpoint when ``resume``, up to
     ``config.train.epochs``); return the metrics of every epoch of the run. The folder is locked
     for the whole run; a resumed run that already reached its target trains nothing.
     ``callbacks``: a user's hooks, called after every batch and every epoch
     (:class:`~eqprop.training.callbacks.Callback`). ``world``: this process's place in a
     distributed run (:mod:`eqprop.distributed`); only rank 0 reads and writes the folder, logs and
-    calls the callbacks."""
+    calls the callbacks. ``time_limit``: seconds from this call; the run stops after the last epoch
+    expected to end within them (:class:`~eqprop.training.time_limit.TimeLimit`), short of its
+    target if need be, and ``resume`` continues it."""
     out_dir = Path(out_dir)
+    limit = None if time_limit is None else TimeLimit(time_limit)
     if not world.is_main:
         return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, False,
-                             lambda _: None, [], world)
+                             lambda _: None, [], world, limit)
     with RunLock(out_dir):
         return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log,
-                             list(callbacks), world)
+                             list(callbacks), world, limit)
 
 
 def finished_message(out_dir: Path, done: int, target: int) -> str:
@@ -118,7 +123,7 @@ def _opening(config: RunConfig, out_dir: Path, resume: bool,
 
 def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None, download: bool, resume: bool,
                   show_progress: bool, log: Callable[[str], None], callbacks: list[Callback],
-                  world: World) -> list[dict[str, Any]]:
+                  world: World, limit: TimeLimit | None = None) -> list[dict[str, Any]]:
     checkpoint_path = out_dir / CHECKPOINT
     # rank 0 reads the folder; every rank gets what it read, or the error it met
     try:
@@ -183,6 +188,11 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
 
     epoch = first_epoch
     while epoch <= config.train.epochs:
+        # rank 0's clock decides for every rank, so that all stop after the same epoch
+        if limit is not None and not world.broadcast(limit.another_epoch_fits()):
+            log(f"time limit {limit.describe()}: stopping after epoch {epoch - 1} of {config.train.epochs}, since "
+                f"another epoch (about {limit.expected_epoch():.0f} s) would end after it")
+            break
         run.backend.before_epoch()
         if world.distributed:  # each rank's dropout stream, from the seed, its rank and the epoch alone
             generators.model.manual_seed(Generators.model_seed(config.train.seed, epoch) + 1_000_003 * world.rank)
