@@ -3,7 +3,8 @@
 Exit status: 0 on success, 2 on a usage or configuration error, 1 on any
 other failure (data, checkpoint, divergence, a run that does not learn, a run
 folder in use), 75 when ``train --time-limit`` stopped a run short of its
-target (resume it; 0 under torchrun, which reads any other status as a failure), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM).
+target (resume it; 0 under torchrun, which reads any other status as a
+failure), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM).
 Errors are one line on stderr; set ``EQPROP_DEBUG=1`` to see tracebacks.
 """
 from __future__ import annotations
