@@ -63,6 +63,7 @@ def results() -> list[dict]:
         last = records[-1]
         rows.append({"angle": float(path.parent.name.removeprefix("angle-")), "epochs": last["epoch"],
                      "final": last["test_error"], "best": min(r["test_error"] for r in records),
+                     "errors": {r["epoch"]: r["test_error"] for r in records},
                      "start_angles": {k.removeprefix("angle/"): v for k, v in records[0].items()
                                       if k.startswith("angle/")},
                      "final_angles": {k.removeprefix("angle/"): v for k, v in last.items()
@@ -71,24 +72,27 @@ def results() -> list[dict]:
 
 
 def render() -> str:
+    """The table (with every run's test error at the epoch all runs have reached, so that runs of
+    different lengths compare) and the plot: one curve per epoch count, over the runs that reached it."""
     rows = results()
-    lines = ["| initial angle Ψ | epochs | final test error | best test error | W–B^T angle after epoch 1 | "
-             "after the last epoch |", "| --- | --- | --- | --- | --- | --- |"]
+    common = min((row["epochs"] for row in rows), default=0)
+    lines = [f"| initial angle Ψ | epochs | test error at epoch {common} | final test error | best test error "
+             "| W–B^T angle after epoch 1 | after the last epoch |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         first = ", ".join(f"{v:.1f}°" for v in row["start_angles"].values())
         last = ", ".join(f"{v:.1f}°" for v in row["final_angles"].values())
-        lines.append(f"| {row['angle']:g}° | {row['epochs']} | {100 * row['final']:.2f}% | {100 * row['best']:.2f}% "
-                     f"| {first} | {last} |")
+        lines.append(f"| {row['angle']:g}° | {row['epochs']} | {100 * row['errors'][common]:.2f}% "
+                     f"| {100 * row['final']:.2f}% | {100 * row['best']:.2f}% | {first} | {last} |")
     if rows and PLOTS_AVAILABLE:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
-        ax.plot([r["angle"] for r in rows], [100 * r["final"] for r in rows], "o-", label="final")
-        ax.plot([r["angle"] for r in rows], [100 * r["best"] for r in rows], "s--", label="best")
-        epochs = sorted({r["epochs"] for r in rows})
-        ax.set_title(f"C-VF-1h, {'/'.join(map(str, epochs))} epochs: test error against the initial angle")
+        for epochs in sorted({r["epochs"] for r in rows}):
+            reached = [r for r in rows if r["epochs"] >= epochs]
+            ax.plot([r["angle"] for r in reached], [100 * r["errors"][epochs] for r in reached], "o-",
+                    label=f"after epoch {epochs} ({len(reached)} runs)")
+        ax.set_title("C-VF-1h: test error against the initial angle")
         ax.set_xlabel("initial angle between W and B^T (degrees)")
         ax.set_ylabel("test error (%)")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

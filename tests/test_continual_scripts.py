@@ -38,15 +38,16 @@ def test_the_feedback_of_continual_updates_grows_with_the_learning_rate(tmp_path
 def test_the_angle_table_lists_every_recorded_angle_in_order(tmp_path, monkeypatch):
     angles = load_script("cvf_angles")
     monkeypatch.setattr(angles, "ROOT", tmp_path)
-    for angle, errors in ((85.0, [0.5, 0.4]), (0.0, [0.1, 0.05])):
+    for angle, errors in ((85.0, [0.5, 0.4]), (0.0, [0.1, 0.05, 0.07])):
         folder = angles.folder(angle)
         folder.mkdir()
         lines = [json.dumps({"epoch": e + 1, "test_error": err, "angle/layer2": angle / (e + 1)})
                  for e, err in enumerate(errors)]
         (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     table = angles.render().splitlines()
-    assert table[2].startswith("| 0° | 2 | 5.00% | 5.00% | 0.0° | 0.0° |")
-    assert table[3].startswith("| 85° | 2 | 40.00% | 40.00% | 85.0° | 42.5° |")
+    assert "| test error at epoch 2 |" in table[0]   # the epoch both runs reached: they compare there
+    assert table[2].startswith("| 0° | 3 | 5.00% | 7.00% | 5.00% | 0.0° | 0.0° |")
+    assert table[3].startswith("| 85° | 2 | 40.00% | 40.00% | 40.00% | 85.0° | 42.5° |")
 
 
 STAND_IN_NET_CLASSES = '''
