@@ -91,6 +91,23 @@ def test_a_state_with_nan_never_replaces_a_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]   # no temporary left behind
 
 
+def test_a_checkpoint_costs_its_tensors_and_one_of_the_previous_format_still_loads(tmp_path):
+    import hashlib
+    import io
+    weights = {"epoch": 3, "model": {"w": torch.randn(250_000)}}   # 1 MB of float32
+    save_checkpoint(tmp_path / "new.pt", weights)
+    # stored raw: pickled bytes (format 2) took 1.5 times as much
+    assert (tmp_path / "new.pt").stat().st_size < 1.02e6
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    content = buffer.getvalue()
+    torch.save({"format": "eqprop-checkpoint", "version": 2, "digest": hashlib.sha256(content).hexdigest(),
+                "fingerprint": None, "content": content}, tmp_path / "old.pt")
+    assert (tmp_path / "old.pt").stat().st_size > 1.3e6
+    for name in ("new.pt", "old.pt"):
+        assert torch.equal(load_checkpoint(tmp_path / name)["model"]["w"], weights["model"]["w"])
+
+
 def test_a_file_of_other_objects_is_refused_without_being_unpickled(capsys, tmp_path):
     path = tmp_path / "hostile.pt"
     torch.save({"format": "eqprop-checkpoint", "version": 2, "payload": torch.optim.SGD}, path)

@@ -1,15 +1,17 @@
 """Checkpoints: verified, written atomically, read without unpickling arbitrary objects.
 
 A checkpoint is a dict of tensors and plain values. It is stored as the bytes
-``torch.save`` makes of it, with their SHA-256 digest and the fingerprint of
-the run's model (:func:`config_fingerprint`) beside them, in one
+``torch.save`` makes of it (held as a uint8 tensor, written raw: pickle's
+protocol 2, the one ``weights_only`` loading reads, would store them as a
+Latin-1 string, half as large again), with their SHA-256 digest and the
+fingerprint of the run's model (:func:`config_fingerprint`) beside them, in one
 ``torch.save`` file loaded with ``weights_only=True`` (a file from elsewhere
 cannot run code). Loading checks the digest, so a flipped byte anywhere is a
 one-line refusal rather than a silently different model, and, where the
 caller knows the run it belongs to, the fingerprint. Writing refuses a state
 with NaN or inf, and reads the new file back before it replaces the old one:
 a checkpoint is never replaced by one that cannot be loaded. Files of
-version 1 (before digests) are still read.
+version 1 (before digests) and 2 (the bytes pickled) are still read.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..atomic import atomic_write_path
 from ..config import ConfigError, validate_config
 
 FORMAT = "eqprop-checkpoint"
-VERSION = 2
+VERSION = 3
 CHECKPOINT = "checkpoint.pt"   # a run folder's latest epoch
 BEST_CHECKPOINT = "best.pt"    # its epoch of lowest test error so far
 
@@ -62,7 +64,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     config = payload.get("config")
     wrapper = {"format": FORMAT, "version": VERSION, "digest": hashlib.sha256(content).hexdigest(),
                "fingerprint": config_fingerprint(config) if isinstance(config, Mapping) else None,
-               "content": content}
+               "content": torch.frombuffer(bytearray(content), dtype=torch.uint8)}
     with atomic_write_path(path) as temporary:
         torch.save(wrapper, temporary)
         load_checkpoint(temporary)   # what replaces the old file must load
@@ -84,10 +86,12 @@ def load_checkpoint(path: Path, fingerprint: str | None = None) -> dict[str, Any
     version = wrapper.get("version")
     if version == 1:   # written before digests: its payload is the file itself
         return wrapper
-    if version != VERSION:
+    if version not in (2, VERSION):
         raise CheckpointError(f"checkpoint {path} has format version {version}, this eqprop reads versions 1 "
-                              f"and {VERSION}")
+                              f"to {VERSION}")
     content = wrapper.get("content")
+    if isinstance(content, torch.Tensor) and content.dtype == torch.uint8 and content.dim() == 1:
+        content = content.numpy().tobytes()
     if not isinstance(content, bytes) or hashlib.sha256(content).hexdigest() != wrapper.get("digest"):
         raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match their digest")
     if fingerprint is not None and wrapper.get("fingerprint") != fingerprint:
