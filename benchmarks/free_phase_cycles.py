@@ -71,6 +71,7 @@ def push(run: build.Run, batches: int, settle_tol: float) -> dict:
     model, phases = run.model, run.estimator.phases
     kind = type(run.estimator)
     weights = {name: p for name, p in model.named_parameters() if p.dim() == 2}
+    norms = {name: float(p.norm()) for name, p in weights.items()}   # η = 0: the weights never move
     sums = {group: {name: 0.0 for name in weights} for group in ("unsettled", "settled")}
     counts = {"unsettled": 0, "settled": 0}
     for sign in (1.0, -1.0):
@@ -88,10 +89,9 @@ def push(run: build.Run, batches: int, settle_tol: float) -> dict:
                                                       kept.direction)}
             for name, p in weights.items():
                 w, k = by_id[id(p)]
-                norm = float(p.norm())
                 # directions are batch means: times B, a sum over the batch's samples
-                sums["unsettled"][name] += float(((w - k) * p).sum()) * x.shape[0] / norm
-                sums["settled"][name] += float((k * p).sum()) * x.shape[0] / norm
+                sums["unsettled"][name] += float(((w - k) * p).sum()) * x.shape[0] / norms[name]
+                sums["settled"][name] += float((k * p).sum()) * x.shape[0] / norms[name]
     return {"settle_tol": settle_tol, "batches": batches, "samples": counts,
             "norm_growth_per_sample": {group: {name: total / max(counts[group], 1) for name, total in by.items()}
                                        for group, by in sums.items()}}

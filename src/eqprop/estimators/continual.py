@@ -263,6 +263,7 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     total = [torch.zeros_like(p) for p in params]
     masks = sample_masks(include, state)
     first_keep = None if masks is None else masks.keep[0]
+    change = torch.empty_like(start)   # Δ_t, written in place at every step
     for t in range(steps):
         nxt = model.step(clamped, state, beta, target)
         seen = counted(nxt, state, masks)
@@ -276,10 +277,11 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
             if lr != 0.0:
                 p.add_(u, alpha=lr * inv_beta)
         if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
-            drive = drive_0 if mixing is None else torch.addmm(drive_0, mixing, first_change(nxt[0], start, first_keep))
+            drive = (drive_0 if mixing is None
+                     else torch.addmm(drive_0, mixing, first_change(nxt[0], start, first_keep, change)))
             clamped = model.clamped_from_drive(x, drive, clamped.transposed)
         state = nxt
-    change = first_change(state[0], start, first_keep)   # the first layer's whole-phase update, telescoped
+    first_change(state[0], start, first_keep, change)   # the first layer's whole-phase update, telescoped
     total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)
     total[i_b].add_(change.mean(dim=0), alpha=inv_beta)
     for i in (i_w, i_b):
@@ -288,10 +290,11 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     return ContinualResult(total, state, clamped)
 
 
-def first_change(now: Tensor, start: Tensor, keep: Tensor | None) -> Tensor:
-    """``Δ_t = s^1_t - s^1_0`` of :func:`telescoped_first_layer`, zero for the samples ``keep`` leaves out."""
-    change = now - start
-    return change if keep is None else change.mul_(keep)
+def first_change(now: Tensor, start: Tensor, keep: Tensor | None, out: Tensor) -> Tensor:
+    """``Δ_t = s^1_t - s^1_0`` of :func:`telescoped_first_layer` written into ``out``, zero for the
+    samples ``keep`` leaves out."""
+    torch.sub(now, start, out=out)
+    return out if keep is None else out.mul_(keep)
 
 
 def optimizer_learning_rates(model: EnergyModel,

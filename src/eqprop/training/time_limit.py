@@ -43,15 +43,14 @@ class TimeLimit:
             raise ValueError(f"the time limit must be positive, got {seconds}")
         self.seconds = float(seconds)
         self._clock = clock
-        self._start = self._last = clock()
+        self._start = clock()
+        self._last: float | None = None   # the clock at the previous call; None before the first
         self._epochs: list[float] = []
-        self._called = False
 
     def another_epoch_fits(self) -> bool:
         """Whether one more epoch, as long as the longest of the last three, ends within the limit."""
         now = self._clock()
-        if not self._called:
-            self._called = True
+        if self._last is None:
             self._last = now
             return True
         self._epochs.append(now - self._last)
