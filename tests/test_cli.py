@@ -46,11 +46,28 @@ def test_bad_configuration_exits_2_with_one_line(capsys, tmp_path, argv, key):
     assert err.count("\n") == 1 and err.startswith("eqprop: error:") and key in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "train.threads: Input should be 'auto' or greater than 0"),
+    (["--set", "optim.lr=[0.1,-1]"], "optim.lr.1: Input should be greater than 0"),  # the list's bad item
+    (["--set", "optim.lr=abc"], "optim.lr: Input should be a valid number, unable to parse string as a number "
+                                "or a valid list"),
+])
+def test_a_value_no_member_of_a_union_accepts_is_named_by_its_key(capsys, tmp_path, argv, message):
+    status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)
+    assert status == 2 and err == f"eqprop: error: invalid configuration: {message}\n"
+
+
 def test_usage_error_exits_2(capsys):
     status, _, err = run(capsys, "train", "--bogus")
     assert status == 2 and err.count("\n") == 1
     status, _, err = run(capsys, "train", "--preset", "demo", "--config", "x.yaml")
     assert status == 2 and err.count("\n") == 1
+
+
+def test_resume_with_another_out_folder_exits_2(capsys, tmp_path):
+    status, _, err = run(capsys, "train", "--preset", "demo", "--resume", str(tmp_path / "a"),
+                         "--out", str(tmp_path / "b"))
+    assert status == 2 and "leave out --out" in err and not any(tmp_path.iterdir())
 
 
 def test_bad_config_file_exits_2(capsys, tmp_path):
@@ -66,6 +83,7 @@ def test_missing_data_exits_1_and_says_what_to_do(capsys, tmp_path):
     status, _, err = run(capsys, "train", "--preset", "ep-1h", "--data-dir", str(tmp_path), "--out",
                          str(tmp_path / "run"), *FAST)
     assert status == 1 and err.count("\n") == 1 and "--download" in err
+    assert not (tmp_path / "run").exists()  # a failed start leaves no empty run folder behind
 
 
 def test_corrupt_data_exits_1(capsys, tmp_path, data_root):

@@ -10,6 +10,7 @@ from eqprop.estimators import SymmetricEP
 from eqprop.config import ConfigError, validate_config
 from eqprop.presets import load_preset
 from eqprop.training import CheckpointError, DivergenceError, load_checkpoint, train
+from eqprop.training.callbacks import Callback
 from eqprop.training.trainer import BEST_CHECKPOINT, CHECKPOINT
 
 
@@ -116,6 +117,31 @@ def test_new_run_refuses_to_overwrite_a_run(tmp_path):
     train(config, tmp_path, log=quiet)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(config, tmp_path, log=quiet)
+
+
+def test_new_run_refuses_a_folder_of_other_files_and_leaves_them_untouched(tmp_path):
+    own = tmp_path / "config.yaml"
+    own.write_text("# my notes\nmodel: {}\n")
+    with pytest.raises(ConfigError, match="holds no eqprop run"):
+        train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
+    assert own.read_text() == "# my notes\nmodel: {}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # not even a lock file
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        train(small_config(train={"epochs": 1}), a_file, log=quiet)
+
+
+def test_a_run_stopped_before_its_first_epoch_starts_again_in_its_folder(tmp_path):
+    class StopAtFirstBatch(Callback):
+        def on_batch(self, epoch, batch, estimate):
+            raise KeyboardInterrupt
+
+    config = small_config(train={"epochs": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path, log=quiet, callbacks=[StopAtFirstBatch()])
+    assert (tmp_path / "run.json").exists() and not (tmp_path / CHECKPOINT).exists()
+    assert len(train(config, tmp_path, log=quiet)) == 1
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):

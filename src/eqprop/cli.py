@@ -170,13 +170,13 @@ def command_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError, load_checkpoint
     from .training.trainer import CHECKPOINT, checkpoint_config, finished_message, run_fingerprint, train
 
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise UsageError("--resume continues in its own folder; leave out --out")
     if args.resume is not None and not (args.resume / CHECKPOINT).exists() and (args.config or args.preset):
         # a configuration and a folder without a run yet: start it there (what a command that torchrun's
         # elastic restarts repeat needs: it starts the run once and continues it afterwards)
         args.out, args.resume = args.resume, None
     if args.resume is not None:
-        if args.out is not None and args.out.resolve() != args.resume.resolve():
-            raise UsageError("--resume continues in its own folder; leave out --out")
         path = args.resume / CHECKPOINT
         checkpoint = load_checkpoint(path, run_fingerprint(args.resume))
         stored = checkpoint_config(path, checkpoint).model_dump(mode="json")

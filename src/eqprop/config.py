@@ -107,14 +107,34 @@ def _check_activation(name: str) -> None:
         raise ValueError(f"activation: unknown {name!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+def _is_union_member(part: str) -> bool:
+    """Whether a location part names a member of a union type (``literal['auto']``,
+    ``constrained-int``) rather than a key."""
+    return not (part.isidentifier() or part.isdigit())
+
+
 def _first_problem(error: ValidationError, drop: tuple[str, ...] = ()) -> str:
     """The first problem of a validation error as ``key.path: message`` (``drop``: location parts
-    that are not keys)."""
-    first = error.errors()[0]
-    loc = [str(part) for part in first["loc"] if part not in drop]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
+    that are not keys). A value that no member of a union accepts (``'auto'`` or an int, a number
+    or a list) is reported by the member that took its type (a list's bad item), else as what each
+    member would have needed."""
+    problems = [([str(part) for part in e["loc"] if part not in drop],
+                 "unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in error.errors()]
+    loc, message = problems[0]
+    tag = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+    if tag is not None:
+        alike = [(where, what) for where, what in problems
+                 if where[:tag] == loc[:tag] and len(where) > tag and _is_union_member(where[tag])]
+        inside = [(where, what) for where, what in alike if len(where) > tag + 1]
+        if inside:
+            where, message = inside[0]
+            loc = where[:tag] + [part for part in where[tag:] if not _is_union_member(part)]
+        else:
+            stem = "Input should be "
+            message = " or ".join([alike[0][1]] + [what.removeprefix(stem) if alike[0][1].startswith(stem)
+                                                   else what for _, what in alike[1:]])
+            loc = loc[:tag]
+    message = message.removeprefix("Value error, ")
     field, sep, rest = message.partition(": ")
     if sep and all(part.isidentifier() or part.isdigit() for part in field.split(".")):  # a validator naming its field
         loc.append(field)

@@ -34,8 +34,8 @@ from .loop import DivergenceError, evaluate, train_epoch
 from .metrics import append_metrics, parameter_norms, plot_curves, read_metrics, write_metrics
 from .callbacks import Callback, TensorBoardLogger
 from .collapse import CHANCE_MARGIN, CollapseGuard, collapse_reason
-from .run_info import record_session, session_info
-from .run_lock import RunLock
+from .run_info import RUN_INFO, record_session, session_info
+from .run_lock import LOCK_FILE, RunLock
 from .time_limit import TimeLimit
 
 WARM_START = "warm_start.pt"  # solver.warm_start: the training samples' last free steady states
@@ -76,12 +76,31 @@ def train(config: RunConfig, out_dir: str | Path, *, data_dir: str | Path | None
     target if need be, and ``resume`` continues it."""
     out_dir = Path(out_dir)
     limit = None if time_limit is None else TimeLimit(time_limit)
+    if not resume and not world.distributed:
+        _check_fresh_folder(out_dir)  # before the lock, which would leave its file in a folder refused
     if not world.is_main:
         return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, False,
                              lambda _: None, [], world, limit)
-    with RunLock(out_dir):
-        return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log,
-                             list(callbacks), world, limit)
+    created = not out_dir.exists()
+    try:
+        with RunLock(out_dir):
+            return _train_locked(resolve_schedule(config), out_dir, data_dir, download, resume, show_progress, log,
+                                 list(callbacks), world, limit)
+    except BaseException:
+        if created:
+            _remove_unused_folder(out_dir)
+        raise
+
+
+def _remove_unused_folder(out_dir: Path) -> None:
+    """Remove the folder a run created and failed in before writing anything (missing data, say), so
+    that failed attempts leave no empty run folders behind; anything else in it keeps it."""
+    try:
+        if [entry.name for entry in out_dir.iterdir()] == [LOCK_FILE]:
+            (out_dir / LOCK_FILE).unlink()
+            out_dir.rmdir()
+    except OSError:
+        pass  # another process took the folder meanwhile: it is theirs
 
 
 def finished_message(out_dir: Path, done: int, target: int) -> str:
@@ -98,6 +117,20 @@ def run_fingerprint(out_dir: Path) -> str | None:
     return config_fingerprint(stored) if isinstance(stored, dict) else None
 
 
+def _check_fresh_folder(out_dir: Path) -> None:
+    """Refuse to start a run in a folder that holds something else: the run would overwrite files of
+    that name (a user's own ``config.yaml``, say). A folder where a run started but saved no epoch
+    (it has ``run.json``) may start again, as may an empty one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not a folder: choose another --out")
+    if not out_dir.is_dir() or (out_dir / RUN_INFO).exists():
+        return
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name != LOCK_FILE)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"{out_dir} is not empty ({listed}) and holds no eqprop run: choose another --out")
+
+
 def _opening(config: RunConfig, out_dir: Path, resume: bool,
              log: Callable[[str], None]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """What the run folder holds for this run: the checkpoint to resume (None: a fresh run) and the
@@ -107,6 +140,7 @@ def _opening(config: RunConfig, out_dir: Path, resume: bool,
         raise ConfigError(f"{out_dir} already holds a run: continue it with --resume {out_dir} "
                           "or choose another --out")
     if not resume:
+        _check_fresh_folder(out_dir)
         return None, []
     checkpoint = load_checkpoint(checkpoint_path, run_fingerprint(out_dir))
     _check_resumable(checkpoint, config, checkpoint_path)
@@ -162,8 +196,9 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         log(f"distributed: {world.size} processes, {config.train.batch_size // world.size} samples each of every "
             f"batch of {config.train.batch_size}; learning rates {[g['lr'] for g in optimizer.param_groups]}")
     if main:
-        atomic_write_text(out_dir / "config.yaml", config_to_yaml(config))
+        # run.json first: it marks the folder as this run's before config.yaml replaces any file
         record_session(out_dir, session_info(device, run.phases_run_in, first_epoch) | {"world_size": world.size})
+        atomic_write_text(out_dir / CONFIG, config_to_yaml(config))
     if config.train.tensorboard and main:
         try:
             callbacks = callbacks + [TensorBoardLogger(out_dir / "tensorboard")]
