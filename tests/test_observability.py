@@ -72,3 +72,5 @@ def test_compare_prints_a_table_and_writes_a_plot(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 0
     assert main(["compare", str(tmp_path)]) == 1
     assert "holds no recorded epoch" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "run0"), str(tmp_path / "typo")]) == 1
+    assert "typo is not a run folder (no such folder)" in capsys.readouterr().err

@@ -49,6 +49,8 @@ HEADER = ["run", "name", "epochs", "test error", "best test error", "s/epoch (me
 
 def read_run(folder: Path) -> RunSummary:
     """The run in ``folder``; CompareError when it has no recorded epoch."""
+    if not folder.is_dir():
+        raise CompareError(f"{folder} is not a run folder (no such folder)")
     records = read_metrics(folder / "metrics.jsonl")
     if not records:
         raise CompareError(f"{folder} holds no recorded epoch (no metrics.jsonl lines)")
