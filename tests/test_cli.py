@@ -34,6 +34,7 @@ def run(capsys, *argv):
     (["--epochs", "0"], "train.epochs"),
     (["--preset", "no-such-preset"], "no-such-preset"),
     (["--set", "oops"], "dotted.key=value"),
+    (["--set", "model={kind:cnn}"], "a colon needs a space"),  # YAML reads 'kind:cnn' as one key
     (["--set", "model.backward=separate"], "estimator.name"),  # symmetric EP needs Φ
     (["--set", "model.backward=separate", "--set", "estimator.name=kp_vf", "--set", "model.loss=ce"],
      "model.backward"),  # no layer with top-down input
@@ -51,6 +52,7 @@ def test_bad_configuration_exits_2_with_one_line(capsys, tmp_path, argv, key):
     (["--set", "optim.lr=[0.1,-1]"], "optim.lr.1: Input should be greater than 0"),  # the list's bad item
     (["--set", "optim.lr=abc"], "optim.lr: Input should be a valid number, unable to parse string as a number "
                                 "or a valid list"),
+    (["--set", "model.odd:key=1"], "model.odd:key: unknown key of model kind 'mlp'"),  # an odd key is no union member
 ])
 def test_a_value_no_member_of_a_union_accepts_is_named_by_its_key(capsys, tmp_path, argv, message):
     status, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)

@@ -121,7 +121,8 @@ def _first_problem(error: ValidationError, drop: tuple[str, ...] = ()) -> str:
     problems = [([str(part) for part in e["loc"] if part not in drop],
                  "unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in error.errors()]
     loc, message = problems[0]
-    tag = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+    named = loc[:-1] if message == "unknown key" else loc   # an unknown key's last part is the key, whatever it reads
+    tag = next((i for i, part in enumerate(named) if _is_union_member(part)), None)
     if tag is not None:
         alike = [(where, what) for where, what in problems
                  if where[:tag] == loc[:tag] and len(where) > tag and _is_union_member(where[tag])]
@@ -136,7 +137,7 @@ def _first_problem(error: ValidationError, drop: tuple[str, ...] = ()) -> str:
             loc = loc[:tag]
     message = message.removeprefix("Value error, ")
     field, sep, rest = message.partition(": ")
-    if sep and all(part.isidentifier() or part.isdigit() for part in field.split(".")):  # a validator naming its field
+    if sep and field and not any(c.isspace() for c in field):  # a validator (or a nested section) naming its key
         loc.append(field)
         message = rest
     key = ".".join(loc)
@@ -156,7 +157,10 @@ def _model_section(value: Any) -> Any:
     try:
         return schema.model_validate(value)
     except ValidationError as error:
-        raise ValueError(_first_problem(error)) from None
+        problem = _first_problem(error)
+        if problem.endswith(": unknown key"):   # often a key of another kind, left by --set model.kind=...
+            problem += f" of model kind {value.get('kind', 'mlp')!r}"
+        raise ValueError(problem) from None
 
 
 ModelConfig = Annotated[SerializeAsAny[ModelSection], BeforeValidator(_model_section)]
@@ -452,6 +456,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _glued_key(value: Any) -> str | None:
+    """The first mapping key in ``value`` that holds a colon and no value (``{kind:cnn}``, which YAML
+    reads as the key ``'kind:cnn'``), else None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and ":" in key and item is None:
+                return key
+            found = _glued_key(item)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        return next((found for item in value if (found := _glued_key(item)) is not None), None)
+    return None
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` (value parsed as YAML) to plain configuration data."""
     key, sep, raw = assignment.partition("=")
@@ -462,6 +481,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    glued = _glued_key(value)
+    if glued is not None:
+        raise ConfigError(f"--set {key}: {glued!r} reads as one key without a value; in YAML a colon needs a space "
+                          "after it ({kind: cnn}, not {kind:cnn})")
     parts = key.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
