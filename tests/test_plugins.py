@@ -81,8 +81,12 @@ def test_plugin_model_is_evaluated_and_gdu_checked(tmp_path, capsys):
 
 
 def test_plugin_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="plugins: no plugin file"):
+    with pytest.raises(ConfigError, match="plugins: no plugin file") as absent:
         validate_config({"plugins": [str(tmp_path / "missing.py")]})
+    assert "current folder" not in str(absent.value)
+    with pytest.raises(ConfigError, match=r"no plugin file missing.py \(relative paths are read from the current "
+                                          r"folder, /"):
+        validate_config({"plugins": ["missing.py"]})
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ConfigError, match="plugins: plugin file .*broken.py failed: RuntimeError: boom"):
