@@ -53,7 +53,8 @@ def _load_module(name: str) -> None:
 def _load_file(path: Path) -> None:
     resolved = path.expanduser().resolve()
     if not resolved.is_file():
-        where = "" if path.expanduser().is_absolute() else f" (relative paths are read from the current folder, {Path.cwd()})"
+        where = ("" if path.expanduser().is_absolute()
+                 else f" (relative paths are read from the current folder, {Path.cwd()})")
         raise PluginError(f"no plugin file {path}{where}")
     module_name = f"eqprop_plugin_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
     if module_name in sys.modules:
