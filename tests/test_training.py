@@ -144,6 +144,24 @@ def test_a_run_stopped_before_its_first_epoch_starts_again_in_its_folder(tmp_pat
     assert len(train(config, tmp_path, log=quiet)) == 1
 
 
+def test_a_run_moved_away_from_its_data_root_resumes_from_the_default_root(tmp_path, data_root, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist").symlink_to(data_root / "mnist")
+    monkeypatch.chdir(tmp_path)
+    config = small_config(data={"dataset": "mnist", "train_subset": 200, "test_subset": 100}, train={"epochs": 1})
+    train(config, "run", data_dir="data", log=quiet)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["data_dir"] == str(tmp_path / "data")  # absolute
+    (tmp_path / "data" / "mnist").unlink()       # the run carried to a machine whose data lives elsewhere
+    (tmp_path / "data").rmdir()
+    monkeypatch.setenv("EQPROP_DATA", str(data_root))
+    said = []
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    records = train(longer, "run", resume=True, log=said.append)
+    assert len(records) == 2
+    assert any(f"data root {tmp_path / 'data'} is not here: reading the data from {data_root}" in line
+               for line in said)
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
     other = small_config(model={"sizes": [784, 64, 10]})

@@ -28,6 +28,7 @@ from ..distributed import WORLD, World
 from ..plotting import NO_PLOTS_NOTE, PLOTS_AVAILABLE
 from ..solvers import WarmStart
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
+from ..data import resolve_data_root
 from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT, CheckpointError, checkpoint_in, config_fingerprint,
                          load_checkpoint, load_model_state, save_checkpoint)
 from .loop import DivergenceError, evaluate, train_epoch
@@ -172,7 +173,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         return records  # finished
 
     if checkpoint is not None and data_dir is None:
-        data_dir = checkpoint.get("data_dir")  # resume reads the data the run was started with
+        data_dir = recorded_data_root(checkpoint, log)  # resume reads the data the run was started with
     run = build.build_run(config, data_dir=data_dir, download=download, world=world)
     config = run.config  # with its CPU setting resolved: what config.yaml and the checkpoint keep
     for note in run.notes + ([] if PLOTS_AVAILABLE else [NO_PLOTS_NOTE]):
@@ -218,7 +219,7 @@ def _train_locked(config: RunConfig, out_dir: Path, data_dir: str | Path | None,
         return {"config": config.model_dump(mode="json"), "epoch": epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generators": generators.state(), "device": device.type,
-                "data_dir": None if root is None else str(root), "rollbacks": guard.rollbacks,
+                "data_dir": None if root is None else str(root.absolute()), "rollbacks": guard.rollbacks,
                 "lr_scale": guard.lr_scale}
 
     epoch = first_epoch
@@ -446,6 +447,16 @@ def _restore(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module,
         raise CheckpointError(f"checkpoint {path} does not fit this run ({reason})") from None
 
 
+def recorded_data_root(checkpoint: dict[str, Any], log: Callable[[str], None] = lambda _: None) -> str | None:
+    """The data root a checkpoint's run read, while that folder is still there; else None, the
+    default root ($EQPROP_DATA, then the cache), for a run carried to another machine or folder."""
+    stored = checkpoint.get("data_dir")
+    if stored is None or Path(stored).is_dir():
+        return stored
+    log(f"the run's data root {stored} is not here: reading the data from {resolve_data_root(None)}")
+    return None
+
+
 def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, download: bool = False,
                         device: str | None = None, test_subset: int | None = None,
                         overrides: dict[str, Any] | None = None, show_progress: bool = False) -> dict[str, Any]:
@@ -457,7 +468,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | Path | None = None, downl
     checkpoint = load_checkpoint(path, run_fingerprint(path.parent))
     config = checkpoint_config(path, checkpoint)
     if data_dir is None:
-        data_dir = checkpoint.get("data_dir")  # the data the run was trained on
+        data_dir = recorded_data_root(checkpoint)  # the data the run was trained on
     data = config.model_dump(mode="json")
     for section, values in (overrides or {}).items():
         if section == "model":
