@@ -79,6 +79,10 @@ def test_bad_config_file_exits_2(capsys, tmp_path):
     assert status == 2 and "not valid YAML" in err
     status, _, err = run(capsys, "train", "--config", str(tmp_path / "missing.yaml"))
     assert status == 2 and "cannot read" in err
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model")
+    status, _, err = run(capsys, "train", "--config", str(binary))
+    assert status == 2 and err.count("\n") == 1 and "is not UTF-8 text" in err
 
 
 def test_missing_data_exits_1_and_says_what_to_do(capsys, tmp_path):

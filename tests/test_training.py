@@ -162,6 +162,16 @@ def test_a_run_moved_away_from_its_data_root_resumes_from_the_default_root(tmp_p
                for line in said)
 
 
+def test_resume_survives_binary_garbage_in_the_metrics_and_config_files(tmp_path):
+    config = small_config(train={"epochs": 1})
+    train(config, tmp_path, log=quiet)
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\x00{garbage")
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe\x00: [")
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    records = train(longer, tmp_path, resume=True, log=quiet)
+    assert [r["epoch"] for r in records] == [2]  # the unreadable epoch is gone, the checkpoint carried on
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train(small_config(train={"epochs": 1}), tmp_path, log=quiet)
     other = small_config(model={"sizes": [784, 64, 10]})

@@ -55,7 +55,7 @@ def read_run(folder: Path) -> RunSummary:
     if not records:
         raise CompareError(f"{folder} holds no recorded epoch (no metrics.jsonl lines)")
     try:
-        name = str((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("name", folder.name))
+        name = str((yaml.safe_load((folder / "config.yaml").read_text(errors="replace")) or {}).get("name", folder.name))
     except (OSError, yaml.YAMLError):
         name = folder.name
     return RunSummary(folder, name, records)

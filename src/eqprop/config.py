@@ -444,9 +444,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML configuration file into plain data (validated later)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a YAML file was expected)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

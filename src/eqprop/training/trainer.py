@@ -112,7 +112,7 @@ def finished_message(out_dir: Path, done: int, target: int) -> str:
 def run_fingerprint(out_dir: Path) -> str | None:
     """The fingerprint of the model of the run in ``out_dir`` (from its ``config.yaml``), if any."""
     try:
-        stored = yaml.safe_load((Path(out_dir) / CONFIG).read_text())
+        stored = yaml.safe_load((Path(out_dir) / CONFIG).read_text(errors="replace"))
     except (OSError, yaml.YAMLError):
         return None
     return config_fingerprint(stored) if isinstance(stored, dict) else None
