@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from eqprop import validate_config
+from eqprop import build
 from eqprop.build import resolve_cpu_settings
-from eqprop.cpu_choice import MARGIN, CpuSetting, choose, settings
+from eqprop.cpu_choice import MARGIN, TIMED_BATCH, CpuSetting, choose, settings
 from eqprop.cpu_kernels.runner import available_cores, idle_cores
 from eqprop.presets import load_preset
 from eqprop.training.checkpoint import load_checkpoint
@@ -42,6 +43,25 @@ def test_what_auto_chooses_among():
 def test_a_convnet_gets_pytorch_on_the_idle_cores_without_timing():
     config, notes = resolve_cpu_settings(validate_config(load_preset("cifar10-small")), torch.device("cpu"))
     assert config.train.cpu_kernels is False and 1 <= config.train.threads <= available_cores() and notes == []
+
+
+def test_a_full_batch_run_is_timed_on_a_bounded_batch(monkeypatch):
+    """The timed step of a 60,000-sample batch takes TIMED_BATCH random samples, not the batch: a
+    full-batch run would otherwise spend a dozen epochs' time choosing."""
+    batches = []
+
+    class Recorder:
+        def estimate(self, model, x, target):
+            batches.append(len(x))
+
+    monkeypatch.setattr(build, "build_estimator_from", lambda *args: Recorder())
+    monkeypatch.setattr(build.cpu_choice, "choose",
+                        lambda options, time_step: ([time_step(s)() for s in options] and options[0], {}))
+    for batch_size in (60000, 20):
+        data = load_preset("laborieux-mnist")
+        data["train"].update(batch_size=batch_size, cpu_kernels="auto", threads="auto")
+        resolve_cpu_settings(validate_config(data), torch.device("cpu"))
+    assert batches and set(batches[:len(batches) // 2]) == {TIMED_BATCH} and set(batches[len(batches) // 2:]) == {20}
 
 
 def test_a_run_writes_down_its_choice_and_resumes_with_it(tmp_path):

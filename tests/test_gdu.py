@@ -344,3 +344,16 @@ def test_gdu_says_when_its_settings_leave_the_theorems_regime(capsys, tmp_path):
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 3
     assert "not converged" in notes[0] and "β = 0.5 is large" in notes[1] and "nudged after σ" in notes[2]
+
+
+def test_a_saturated_network_says_there_is_nothing_to_compare(tmp_path):
+    """Every state where σ' = 0: BPTT's gradients are zero on every parameter. The check says so
+    in a note and writes its report, instead of failing on an empty figure."""
+    _, x, target = tanh_mlp()
+    model = PMLP([12, 10, 8, 4], activation="hard_sigmoid").double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.fill_(5.0 if name.endswith("bias") else 0.0)
+    report = run_gdu(model, x, target, t1=20, k=K, beta=BETA, lr=LR, out_dir=tmp_path)
+    assert any("zero on every parameter" in note for note in report["settings"]["regime_notes"])
+    assert (tmp_path / "gdu.json").exists() and not (tmp_path / "gdu_traces.png").exists()

@@ -275,8 +275,9 @@ def resolve_cpu_settings(config: RunConfig, device: torch.device, world: World =
 
 
 def _training_step(config: RunConfig, device: torch.device) -> Callable[[], object]:
-    """One training step's estimate of ``config``'s model on a random batch (weights unchanged, the
-    run's random streams untouched): what :func:`resolve_cpu_settings` times."""
+    """One training step's estimate of ``config``'s model on a random batch of the run's size, at
+    most :data:`cpu_choice.TIMED_BATCH` (weights unchanged, the run's random streams untouched):
+    what :func:`resolve_cpu_settings` times."""
     backend = build_backend(config, device)
     model = place_model(build_model(config, backend=backend), config, device)
     backend.prepare(model)
@@ -285,8 +286,9 @@ def _training_step(config: RunConfig, device: torch.device) -> Callable[[], obje
     estimator = build_estimator_from(config, torch.Generator().manual_seed(0), solvers)
     generator = torch.Generator().manual_seed(0)
     dtype = DTYPES[config.train.dtype]
-    x = torch.rand(config.train.batch_size, model.sizes[0], generator=generator).to(device, dtype)
-    labels = torch.randint(0, model.head.classes, (config.train.batch_size,), generator=generator)
+    batch = min(config.train.batch_size, cpu_choice.TIMED_BATCH)
+    x = torch.rand(batch, model.sizes[0], generator=generator).to(device, dtype)
+    labels = torch.randint(0, model.head.classes, (batch,), generator=generator)
     target = torch.eye(model.head.classes, dtype=dtype, device=device)[labels]
     return lambda: estimator.estimate(model, x, target)
 

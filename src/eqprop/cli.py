@@ -282,7 +282,9 @@ def command_gdu(args: argparse.Namespace) -> int:
                          lr=args.lr, dtype=args.dtype, checkpoint=args.checkpoint)
     for name, summary in result["estimators"].items():
         layers = "  ".join(f"{layer} {m['rmse_mean']:.3g}" for layer, m in summary["layers"].items())
-        print(f"{name:<14} angle {summary['angle_deg']:7.3f} deg   RMSE: {layers}")
+        angle = summary["angle_deg"]
+        angle = f"{angle:7.3f} deg" if angle is not None and math.isfinite(angle) else "    n/a    "
+        print(f"{name:<14} angle {angle}   RMSE: {layers}")
     settings = result["settings"]
     print(f"T1 {settings['t1']}, K {settings['k']}, β {settings['beta']:g}, nudge "
           f"{'inside' if settings['nudge_inside'] else 'after'} σ, free phase "

@@ -18,7 +18,7 @@ network, idle or loaded. Hence:
   the idle cores at the start, fixed for the run (PyTorch's reductions may round
   differently with another count);
 - where the kernel can run the model, ``cpu_kernels: auto`` times a few training
-  steps of the run's own model and batch size in the kernel and in PyTorch, in
+  steps of the run's own model and batch size (at most :data:`TIMED_BATCH`) in the kernel and in PyTorch, in
   alternation, and keeps the kernel unless PyTorch is clearly (10%) faster.
   Models the kernel does not run (ConvNets, a user's Φ) use PyTorch untimed.
 
@@ -44,6 +44,10 @@ from .config import RunConfig
 ROUNDS = 5
 #: each timed measurement lasts at least this long (several training steps of a small model)
 MIN_SECONDS = 0.05
+#: the most samples a timed step takes: beyond a few hundred both settings cost the same per
+#: sample, so a larger batch (a full-batch run's 60,000) is timed at this size, in a second, not
+#: at the cost of a dozen epochs
+TIMED_BATCH = 512
 #: PyTorch replaces the kernel only when it is faster by more than this fraction: differences
 #: within the timing's noise do not flip the choice from run to run
 MARGIN = 0.1

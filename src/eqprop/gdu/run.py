@@ -146,6 +146,9 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
     neuron_names = [f"s{n + 1}" for n in range(len(ref_neurons))]
     param_names = _parameter_names(model)
     total_bptt = [r.sum(0) for r in ref_params]
+    if not any(bool(r.ne(0).any()) for r in ref_params):
+        regime.append("BPTT's gradients are zero on every parameter (the states sit where σ' = 0, or the loss "
+                      "does not depend on them): there is nothing to compare; no traces are plotted")
 
     results: dict[str, Any] = {}
     for name, trace in traces.items():
@@ -177,7 +180,7 @@ def run_gdu(model: EnergyModel, x: Tensor, target: Tensor, *, t1: int, k: int, b
         atomic_write_text(out / GDU_JSON, json.dumps(_json_safe(report), indent=2) + "\n")
         picks = _pick_units(ref_params, ref_neurons, {**sided, **traces}, param_names, neuron_names,
                             samples, seed)
-        if PLOTS_AVAILABLE:
+        if PLOTS_AVAILABLE and picks:
             plot_traces(out / TRACES_PNG, picks, k, beta)
             plot_rmse(out / RMSE_PNG, results)
     return report
