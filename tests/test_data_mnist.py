@@ -154,6 +154,20 @@ def test_missing_file_is_reported(tmp_path: Path, data_root: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("file_at", ["", "mnist"])
+def test_a_data_root_or_dataset_folder_that_is_a_file_is_named(tmp_path: Path, file_at: str) -> None:
+    (tmp_path / "root").mkdir()
+    blocking = tmp_path / "root" / file_at if file_at else tmp_path / "root"
+    if not file_at:
+        blocking.rmdir()
+    blocking.write_text("not a folder")
+    with pytest.raises(DataError) as caught:
+        load_dataset("mnist", "test", tmp_path / "root")
+    assert str(caught.value) == (
+        f"MNIST folder {tmp_path / 'root' / 'mnist'} cannot exist: {blocking} is a file, not a folder; point "
+        "--data-dir (or $EQPROP_DATA) at a data root, a folder that holds one folder per dataset")
+
+
 def test_plain_file_is_preferred_over_gzip(tmp_path: Path, data_root: Path) -> None:
     folder = plain_test_copy(tmp_path, data_root)
     shutil.copy(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz", folder)

@@ -58,6 +58,10 @@ def read_dataset_file(folder: Path, name: str, dataset: str, decode: Callable[[b
     becomes a one-line DataError naming the file and what to do.
     """
     path = find_data_file(folder, name)
+    blocking = next((place for place in (folder, *folder.parents) if place.exists()), None)
+    if path is None and blocking is not None and not blocking.is_dir():
+        raise DataError(f"{dataset} folder {folder} cannot exist: {blocking} is a file, not a folder; point "
+                        "--data-dir (or $EQPROP_DATA) at a data root, a folder that holds one folder per dataset")
     if path is None:
         raise DataError(
             f"{dataset} file {folder / name}[.gz] is missing: put the {dataset} files in {folder} "
