@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -77,11 +78,12 @@ def commit() -> str | None:
 
 
 def record(folder: Path, command: str, note: str | None, machine_name: str | None = None,
-           commit_hash: str | None = None) -> dict:
+           commit_hash: str | None = None, stopped: str | None = None) -> dict:
     """Write ``folder/record.json`` from the run's metrics and configuration.
 
     ``machine_name`` and ``commit_hash`` describe a run made elsewhere (a lent GPU whose metrics
-    came back here); by default, this machine and this checkout's commit."""
+    came back here); by default, this machine and this checkout's commit. ``stopped``: why a run
+    short of its epochs will not be continued (the table says so instead of "not finished")."""
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not metrics:
         raise SystemExit(f"{folder} has no completed epoch")
@@ -103,6 +105,8 @@ def record(folder: Path, command: str, note: str | None, machine_name: str | Non
         entry["collapses"] = [r["epoch"] for r in undone if "collapse" in r]
     if note:
         entry["note"] = note
+    if stopped:
+        entry["stopped"] = stopped
     (folder / "record.json").write_text(json.dumps(entry, indent=1) + "\n")
     return entry
 
@@ -129,7 +133,9 @@ def table() -> str:
             if at is not None and len(entry.get("test_errors", [])) >= at:
                 compared = entry["test_errors"][at - 1]
                 ours += f"; {100 * compared:.2f}% after epoch {at}"
-            difference = ("" if paper is None else "(run not finished)" if entry["epochs_run"] < entry["epochs_target"]
+            short = entry["epochs_run"] < entry["epochs_target"]
+            difference = (f"(stopped: {entry['stopped']})" if short and entry.get("stopped")
+                          else "" if paper is None else "(run not finished)" if short
                           else f"{100 * (compared - paper):+.2f} pt")
             epochs = f"{entry['epochs_run']} of {entry['epochs_target']}"
             lines.append(f"| `{name}`: {row} | {paper_text} | {ours} | {difference} | "
@@ -181,6 +187,7 @@ def main() -> None:
     add.add_argument("--note", help="anything a reader must know (pieces, shared CPU)")
     add.add_argument("--machine", help="the hardware of a run made elsewhere (default: this machine)")
     add.add_argument("--commit", help="the commit of a run made elsewhere (default: this checkout's)")
+    add.add_argument("--stopped", help="why a run short of its epochs will not be continued")
     show = commands.add_parser("table", help="print the reproduction table")
     show.add_argument("--readme", action="store_true", help="also write it into the README")
     compare = commands.add_parser("curves", help="chosen epochs of several records side by side")
@@ -192,7 +199,11 @@ def main() -> None:
         print(curves(args.rows, args.epochs, args.keys))
         return
     if args.action == "record":
-        print(json.dumps(record(args.folder, args.command, args.note, args.machine, args.commit), indent=1))
+        entry = record(args.folder, args.command, args.note, args.machine, args.commit, args.stopped)
+        print(json.dumps(entry, indent=1))
+        if entry["epochs_run"] < entry["epochs_target"] and not args.stopped:
+            print(f"to continue it in a later session, commit {args.folder}/checkpoint.pt and best.pt with the "
+                  "record: a machine's local files do not outlive it", file=sys.stderr)
         return
     rendered = table()
     print(rendered)

@@ -19,19 +19,21 @@ def test_the_table_shows_recorded_rows_and_says_not_run_for_the_others(tmp_path,
     reproduction = load_script("reproduction")
     monkeypatch.setattr(reproduction, "ROOT", tmp_path)
     for name, final, best in (("ep-2h", 0.0231, 0.0190), ("ep-2h@anderson", 0.0240, 0.0201),
-                              ("cvf-2h@x", 0.03, 0.02)):
+                              ("cvf-2h@x", 0.03, 0.02), ("cep-1h@lost", 0.03, 0.02)):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "record.json").write_text(json.dumps({
             "command": f"eqprop train --preset {name.split('@')[0]}", "machine": "test CPU, 2 cores",
             "epochs_run": 50, "epochs_target": 50, "final_test_error": final, "best_test_error": best,
-            **({"collapses": [40, 45]} if name == "cvf-2h@x" else {})}))
+            **({"collapses": [40, 45]} if name == "cvf-2h@x" else {}),
+            **({"epochs_run": 46, "epochs_target": 150, "stopped": "checkpoint lost"} if name == "cep-1h@lost" else {})}))
     table = reproduction.table().splitlines()
     assert table[0].startswith("| row | paper | eqprop (final, best) | difference | epochs run |")
     rows = {line.split("`")[1]: line for line in table[2:]}
     assert "| 2.00% | 2.31%, 1.90% | +0.31 pt | 50 of 50 | `eqprop train --preset ep-2h` | test CPU" in rows["ep-2h"]
     assert "| 2.40%, 2.01% | +0.40 pt |" in rows["ep-2h@anderson"]
     assert rows["cep-2h"].endswith("| 2.50% | not run | | | | |")
+    assert "| 3.00%, 2.00% | (stopped: checkpoint lost) | 46 of 150 |" in rows["cep-1h@lost"]
     assert "| – | not run |" in rows["cvf-1h"]   # a row without a single paper figure
     assert "| 3.00%, 2.00%; collapsed at epoch 40, 45 and rolled back |" in rows["cvf-2h@x"]
 
