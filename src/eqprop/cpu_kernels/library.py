@@ -54,6 +54,7 @@ class Kernel:
     phase: ctypes._CFuncPtr   # type: ignore[name-defined]  # eqprop_mlp_phase: a whole phase
     linear: ctypes._CFuncPtr  # type: ignore[name-defined]  # eqprop_linear: x W^T + b
     outer: ctypes._CFuncPtr   # type: ignore[name-defined]  # eqprop_outer: alpha left^T right
+    continual: ctypes._CFuncPtr  # type: ignore[name-defined]  # eqprop_continual_phase: C-EP/C-VF's nudged phase
 
 
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
@@ -199,6 +200,9 @@ def _bind(library: ctypes.CDLL) -> Kernel:
                              pointer, i64],
         "eqprop_linear": [pointer, pointer, pointer, pointer, i64, i64, i64, i64],
         "eqprop_outer": [pointer, pointer, pointer, i64, i64, i64, real, i64],
+        "eqprop_continual_phase": [i64, pointer, pointer, pointer, pointer, pointer, real, real, i64, pointer,
+                                   pointer, i64, pointer, pointer, pointer, pointer, i64, i64, i64, pointer,
+                                   pointer, pointer, real, pointer, pointer, pointer, i64],
     }
     functions = []
     for name, arguments in signatures.items():

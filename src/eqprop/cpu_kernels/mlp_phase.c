@@ -815,3 +815,261 @@ int eqprop_outer(const REAL *left, const REAL *right, REAL *out, int64_t batch, 
     free(lt);
     return status;
 }
+
+/* ---- continual EP and VF: a nudged phase whose weights move at every step ---------------- */
+
+/* One moving weight matrix's update: g = alpha * a b, a = lt ([rows, samples], already
+ * transposed), b = [samples, cols]; then total += g * to_total and, where to_param is not 0,
+ * param += g * to_param (both [rows, cols], row-major). Two rows and MOVING_VECTORS vectors of
+ * columns at a time, as in run_outer; the sums are used where they are made, so that g is never
+ * stored. */
+typedef struct {
+    const REAL *lt, *b;
+    REAL *total, *param;
+    int64_t samples, rows, cols, stride;   /* stride: between the rows of b (at least cols) */
+    REAL alpha, to_total, to_param;
+    int64_t start, stop;
+    int status;
+} Moving;
+
+static inline void moving_store(const Moving *p, int64_t o, int64_t i, vec sum) {
+    const vec g = splat(p->alpha) * sum;
+    REAL *t = p->total + o * p->cols + i;
+    store(t, load(t) + g * splat(p->to_total));
+    if (p->to_param != 0) {
+        REAL *w = p->param + o * p->cols + i;
+        store(w, load(w) + g * splat(p->to_param));
+    }
+}
+
+#define MOVING_KERNEL(VECTORS)                                                                    \
+    static void moving_##VECTORS(const Moving *p, int64_t o0, int64_t o1, int64_t i) {            \
+        const REAL *d0 = p->lt + o0 * p->samples, *d1 = p->lt + o1 * p->samples;                  \
+        vec a[VECTORS] = {0}, c[VECTORS] = {0};                                                   \
+        for (int64_t s = 0; s < p->samples; s++) {                                                \
+            const vec s0 = splat(d0[s]), s1 = splat(d1[s]);                                       \
+            const REAL *x = p->b + s * p->stride + i;                                             \
+            for (int v = 0; v < VECTORS; v++) {                                                   \
+                vec xv = load(x + v * LANES);                                                     \
+                IN_REGISTER(xv);                                                                  \
+                a[v] += s0 * xv;                                                                  \
+                c[v] += s1 * xv;                                                                  \
+            }                                                                                     \
+        }                                                                                         \
+        for (int v = 0; v < VECTORS; v++) {                                                       \
+            moving_store(p, o0, i + v * LANES, a[v]);                                             \
+            if (o1 != o0) moving_store(p, o1, i + v * LANES, c[v]);                               \
+        }                                                                                         \
+    }
+#define MOVING_VECTORS 4
+MOVING_KERNEL(4) MOVING_KERNEL(1)
+
+static void run_moving(void *job) {
+    Moving *p = job;
+    const int64_t cols = p->cols;
+    int64_t i = 0;
+    for (; i + MOVING_VECTORS * LANES <= cols; i += MOVING_VECTORS * LANES)
+        for (int64_t o = p->start; o < p->stop; o += 2) moving_4(p, o, o + 1 < p->stop ? o + 1 : o, i);
+    for (; i + LANES <= cols; i += LANES)
+        for (int64_t o = p->start; o < p->stop; o += 2) moving_1(p, o, o + 1 < p->stop ? o + 1 : o, i);
+    for (; i < cols; i++)
+        for (int64_t o = p->start; o < p->stop; o++) {
+            REAL sum = 0;
+            for (int64_t s = 0; s < p->samples; s++) sum += p->lt[o * p->samples + s] * p->b[s * p->stride + i];
+            const REAL g = p->alpha * sum;
+            p->total[o * cols + i] += g * p->to_total;
+            if (p->to_param != 0) p->param[o * cols + i] += g * p->to_param;
+        }
+    p->status = 0;
+}
+
+static void run_moving_rows(Moving moving, int64_t threads) {
+    Moving jobs[MAX_THREADS];
+    const int64_t count = slices(moving.rows, MIN_PRODUCT_ROWS, threads);
+    for (int64_t i = 0; i < count; i++) {
+        jobs[i] = moving;
+        jobs[i].start = moving.rows * i / count;
+        jobs[i].stop = moving.rows * (i + 1) / count;
+    }
+    run_parallel(run_moving, jobs, sizeof(Moving), count);
+}
+
+/* The bias update of a layer: g = alpha * sum over the kept samples of (after - before). */
+static void moving_bias(REAL *bias, REAL *total, const REAL *after, const REAL *before, const int64_t *kept,
+                        int64_t count, int64_t width, REAL alpha, REAL to_total, REAL to_param) {
+    for (int64_t o = 0; o < width; o++) {
+        REAL sum = 0;
+        for (int64_t k = 0; k < count; k++) sum += after[kept[k] * width + o] - before[kept[k] * width + o];
+        const REAL g = alpha * sum;
+        total[o] += g * to_total;
+        if (to_param != 0) bias[o] += g * to_param;
+    }
+}
+
+/* out = in^T, in being [height, width]: in tiles that stay in the L1 cache (a row-by-row
+ * transpose of a 512x512 matrix misses the cache at every write) */
+#define TILE 32
+static void transpose(REAL *restrict out, const REAL *restrict in, int64_t height, int64_t width) {
+    for (int64_t i0 = 0; i0 < height; i0 += TILE)
+        for (int64_t j0 = 0; j0 < width; j0 += TILE) {
+            const int64_t i1 = i0 + TILE < height ? i0 + TILE : height, j1 = j0 + TILE < width ? j0 + TILE : width;
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t i = i0; i < i1; i++) out[j * height + i] = in[i * width + j];
+        }
+}
+
+/* offset = (constant - shift) * scale, or the constant itself for scale 1 and shift 0 (as
+ * PMLP.clamped_from_drive folds the activation into the offsets) */
+static void fold(REAL *offset, const REAL *constant, int64_t count, REAL scale, REAL shift) {
+    for (int64_t i = 0; i < count; i++)
+        offset[i] = scale == 1 && shift == 0 ? constant[i] : (constant[i] - shift) * scale;
+}
+
+/*
+ * The nudged phase of continual EP (rule_vf 0) or continual VF (rule_vf 1) on a P-MLP or
+ * VF-MLP with the squared-error nudge, the first layer telescoped (the Python path:
+ * eqprop.estimators.continual.telescoped_first_layer, whose docstring gives the rules). For
+ * t = 0 .. steps-1: one step of eqprop_mlp_phase from the current weights, then every layer
+ * n >= 1 moves (W_n, b_n, and for VF the backward matrices B_m), then the first layer's drive
+ * becomes drive0 + mixing (s^0_{t+1} - s^0_0) (keep-masked) and every offset is refolded.
+ *
+ *   weights[n], biases[n]  W_n [sizes[n], sizes[n-1]] and b_n, n >= 1: moved in place
+ *   top_down[n]            as in eqprop_mlp_phase, n < layers-1: W_{n+1} itself (EP: it moves with
+ *                          it) or, for VF, B_{n+1}^T, kept equal to backward[n+1] transposed
+ *   backward[m]            VF: B_m [sizes[m-1], sizes[m]], m >= 1, moved in place; NULL for EP
+ *   state[n]               [batch, sizes[n]]: s_0 in, s_steps out
+ *   drive0                 [batch, sizes[0]]: the first layer's drive W_1 x + b_1 at t = 0
+ *   mixing                 [batch, batch] or NULL (the first layer does not move)
+ *   keep                   [batch] 1 or 0: the samples whose steps update the weights; NULL: all
+ *   rate_*[n]              lr / beta of each matrix and bias (0: frozen); total_*[n] += update / beta
+ *
+ * Returns 0, or 1 if scratch memory could not be allocated.
+ */
+int eqprop_continual_phase(int64_t layers, const int64_t *sizes, REAL *const *weights, REAL *const *biases,
+                           REAL *const *top_down, REAL *const *backward, double scale, double shift,
+                           int64_t core, const REAL *beta, const REAL *target, int64_t nudge_inside,
+                           REAL *const *state, const REAL *drive0, const REAL *mixing, const REAL *keep,
+                           int64_t batch, int64_t steps, int64_t rule_vf, const double *rate_w,
+                           const double *rate_b, const double *rate_back, double inv_beta,
+                           REAL *const *total_w, REAL *const *total_b, REAL *const *total_back,
+                           int64_t threads) {
+    const REAL k = (REAL)scale, c = (REAL)shift, alpha = (REAL)1 / (REAL)batch, to_total = (REAL)inv_beta;
+    int64_t widest = 0, units = 0;
+    for (int64_t n = 0; n < layers; n++) {
+        widest = sizes[n] > widest ? sizes[n] : widest;
+        units += sizes[n];
+    }
+    const int64_t first = batch * sizes[0];
+    /* the rows of a step's b are `padded` apart: a stride of a power of two bytes (a 512-wide layer's
+     * 2 KiB) would put the same columns of every row into the same few sets of the L1 cache */
+    const int64_t padded = (widest + LANES - 1) / LANES * LANES + LANES;
+    REAL *pool = aligned_reals(batch * units + 4 * first + units + 2 * batch * (widest + padded));
+    REAL **buffers = malloc(3 * (size_t)layers * sizeof(REAL *));
+    int64_t *kept = malloc((size_t)(batch > 0 ? batch : 1) * sizeof(int64_t));
+    if (pool == NULL || buffers == NULL || kept == NULL) {
+        free(pool);
+        free(buffers);
+        free(kept);
+        return 1;
+    }
+    REAL **current = buffers, **next = buffers + layers, **offsets = buffers + 2 * layers;
+    REAL *free_pool = pool;
+    for (int64_t n = 0; n < layers; n++) {
+        current[n] = state[n];
+        next[n] = free_pool;
+        free_pool += batch * sizes[n];
+    }
+    REAL *start = free_pool, *drive = start + first, *change = drive + first;
+    offsets[0] = change + first;
+    free_pool = offsets[0] + first;
+    for (int64_t n = 1; n < layers; n++) {
+        offsets[n] = free_pool;
+        free_pool += sizes[n];
+    }
+    REAL *lt = free_pool, *rows = lt + 2 * batch * widest;   /* a step's a^T and b, 2 batch samples at most */
+    memcpy(start, state[0], (size_t)first * sizeof(REAL));
+    memcpy(drive, drive0, (size_t)first * sizeof(REAL));
+    fold(offsets[0], drive, first, k, c);
+    for (int64_t n = 1; n < layers; n++) fold(offsets[n], biases[n], sizes[n], k, c);
+    int64_t count = 0;
+    for (int64_t b = 0; b < batch; b++)
+        if (keep == NULL || keep[b] != 0) kept[count++] = b;
+    int status = 0;
+    for (int64_t t = 0; t < steps; t++) {
+        status = eqprop_mlp_phase(layers, sizes, (const REAL *const *)weights, (const REAL *const *)top_down,
+                                  (const REAL *const *)offsets, scale, core, beta, target, nudge_inside, 0, NULL,
+                                  NULL, (const REAL *const *)current, next, batch, 1, 0, 0.0, 1, NULL, NULL,
+                                  threads);
+        if (status != 0) break;
+        for (int64_t n = 1; n < layers; n++) {
+            const int64_t width = sizes[n], in = sizes[n - 1];
+            int64_t samples = 0;
+            if (rule_vf) {   /* (s^n_{t+1} - s^n_t) (s^{n-1}_t)^T */
+                for (int64_t j = 0; j < count; j++, samples++) {
+                    const int64_t b = kept[j];
+                    for (int64_t o = 0; o < width; o++)
+                        lt[o * count + j] = next[n][b * width + o] - current[n][b * width + o];
+                    memcpy(rows + j * padded, current[n - 1] + b * in, (size_t)in * sizeof(REAL));
+                }
+            } else {         /* s^n_{t+1} (s^{n-1}_{t+1})^T - s^n_t (s^{n-1}_t)^T */
+                samples = 2 * count;
+                for (int64_t j = 0; j < count; j++) {
+                    const int64_t b = kept[j];
+                    for (int64_t o = 0; o < width; o++) {
+                        lt[o * samples + j] = next[n][b * width + o];
+                        lt[o * samples + count + j] = -current[n][b * width + o];
+                    }
+                    memcpy(rows + j * padded, next[n - 1] + b * in, (size_t)in * sizeof(REAL));
+                    memcpy(rows + (count + j) * padded, current[n - 1] + b * in, (size_t)in * sizeof(REAL));
+                }
+            }
+            run_moving_rows((Moving){lt, rows, total_w[n], weights[n], samples, width, in, padded, alpha, to_total,
+                                     (REAL)rate_w[n], 0, 0, 0}, threads);
+            moving_bias(biases[n], total_b[n], next[n], current[n], kept, count, width, alpha, to_total,
+                        (REAL)rate_b[n]);
+        }
+        if (rule_vf)   /* B_m: (s^{m-1}_{t+1} - s^{m-1}_t) (s^m_t)^T, then its transpose for the steps */
+            for (int64_t m = 1; m < layers; m++) {
+                const int64_t height = sizes[m - 1], width = sizes[m];
+                for (int64_t j = 0; j < count; j++) {
+                    const int64_t b = kept[j];
+                    for (int64_t i = 0; i < height; i++)
+                        lt[i * count + j] = next[m - 1][b * height + i] - current[m - 1][b * height + i];
+                    memcpy(rows + j * padded, current[m] + b * width, (size_t)width * sizeof(REAL));
+                }
+                run_moving_rows((Moving){lt, rows, total_back[m], backward[m], count, height, width, padded, alpha,
+                                         to_total, (REAL)rate_back[m], 0, 0, 0}, threads);
+                transpose(top_down[m - 1], backward[m], height, width);
+            }
+        /* the telescoped first layer: Δ_t = keep (s^0_{t+1} - s^0_0), drive = drive0 + mixing Δ_t */
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t i = 0; i < sizes[0]; i++)
+                change[b * sizes[0] + i] = (next[0][b * sizes[0] + i] - start[b * sizes[0] + i]) *
+                                           (keep == NULL ? (REAL)1 : keep[b]);
+        if (mixing != NULL) {
+            for (int64_t b = 0; b < batch; b++) {
+                REAL *d = drive + b * sizes[0];
+                for (int64_t i = 0; i < sizes[0]; i++) d[i] = 0;
+                for (int64_t j = 0; j < batch; j++) {
+                    const REAL m = mixing[b * batch + j];
+                    const REAL *delta = change + j * sizes[0];
+                    for (int64_t i = 0; i < sizes[0]; i++) d[i] += m * delta[i];
+                }
+                for (int64_t i = 0; i < sizes[0]; i++) d[i] += drive0[b * sizes[0] + i];
+            }
+            fold(offsets[0], drive, first, k, c);
+        }
+        for (int64_t n = 1; n < layers; n++) fold(offsets[n], biases[n], sizes[n], k, c);
+        for (int64_t n = 0; n < layers; n++) {
+            REAL *swap = current[n];
+            current[n] = next[n];
+            next[n] = swap;
+        }
+    }
+    for (int64_t n = 0; n < layers; n++)   /* s_steps into the caller's state */
+        if (current[n] != state[n]) memcpy(state[n], current[n], (size_t)(batch * sizes[n]) * sizeof(REAL));
+    free(kept);
+    free(buffers);
+    free(pool);
+    return status;
+}

@@ -83,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import Tensor
 
 from ..models.base import Clamped, EnergyModel, State
+from ..cpu_kernels.continual import continual_steps
 from ..models.mlp import MLPClamped, PMLP
 from ..solvers import SolverStats
 from .base import Estimate, Estimator, Phases, register
@@ -264,7 +265,20 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
     masks = sample_masks(include, state)
     first_keep = None if masks is None else masks.keep[0]
     change = torch.empty_like(start)   # Δ_t, written in place at every step
-    for t in range(steps):
+
+    def moved(clamped: MLPClamped, nxt: State) -> MLPClamped:
+        """θ_{t+1}'s clamped input: the drive from the telescoped first layer, the other offsets
+        from the biases."""
+        drive = (drive_0 if mixing is None
+                 else torch.addmm(drive_0, mixing, first_change(nxt[0], start, first_keep, change)))
+        return model.clamped_from_drive(x, drive, clamped.transposed)
+
+    in_kernel = continual_steps(model, clamped, state, beta, target, steps, lrs, rule, include, mixing, total)
+    if in_kernel is not None:   # the same steps in one call of the C kernel
+        state = in_kernel
+        if moving and steps > 0:
+            clamped = moved(clamped, state)
+    for t in range(steps if in_kernel is None else 0):
         nxt = model.step(clamped, state, beta, target)
         seen = counted(nxt, state, masks)
         updates = step_updates(model, no_input, seen, state, beta, target, t, rule)
@@ -276,10 +290,8 @@ def telescoped_first_layer(model: PMLP, clamped: MLPClamped, state: State, beta:
             acc.add_(u, alpha=inv_beta)
             if lr != 0.0:
                 p.add_(u, alpha=lr * inv_beta)
-        if moving:   # θ_{t+1}: the drive from the telescoped first layer, the other offsets from the biases
-            drive = (drive_0 if mixing is None
-                     else torch.addmm(drive_0, mixing, first_change(nxt[0], start, first_keep, change)))
-            clamped = model.clamped_from_drive(x, drive, clamped.transposed)
+        if moving:
+            clamped = moved(clamped, nxt)
         state = nxt
     first_change(state[0], start, first_keep, change)   # the first layer's whole-phase update, telescoped
     total[i_w].add_(torch.mm(change.t(), x), alpha=inv_batch * inv_beta)
