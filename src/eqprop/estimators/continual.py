@@ -27,7 +27,9 @@ Fully connected models (:class:`~eqprop.models.mlp.PMLP` and
 input x is constant during the phase, so the first layer's update telescopes
 and its weights act only through the drive, updated with the batch's B×B Gram
 matrix instead of a B×input matmul (:func:`telescoped_first_layer`). Same
-updates to rounding, about the cost of a one-sided EP step.
+updates to rounding, about the cost of a one-sided EP step. On the CPU, where eqprop's C kernel
+runs the model (squared-error nudge), the whole loop of K steps and updates is one kernel call
+(:func:`eqprop.cpu_kernels.continual.continual_steps`).
 
 Learning rates and the optimizer: :meth:`ContinualEP.train_step` moves the
 weights itself with plain SGD steps of each group's current ``lr`` (so
