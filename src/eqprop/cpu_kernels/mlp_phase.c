@@ -446,14 +446,13 @@ static void run_rows(void *job) {
 
 /* ---- dense products ---------------------------------------------------------------------- */
 
-/* Rows [start, stop) of a product: each thread computes whole output rows, so every output
- * element goes through the same operations in the same order whatever the thread count. */
+/* Rows [start, stop) of eqprop_linear's product: each thread computes whole output rows, so every
+ * output element goes through the same operations in the same order whatever the thread count. */
 typedef struct {
-    const REAL *a, *b, *bias;   /* operands (see the two entry points) */
+    const REAL *a, *b, *bias;   /* operands (see eqprop_linear) */
     REAL *out;
     int64_t batch, width, in, pad;
-    REAL alpha;
-    const int64_t *columns;     /* eqprop_linear: the inputs not zero in every sample, `kept` of them */
+    const int64_t *columns;     /* the inputs not zero in every sample, `kept` of them */
     int64_t kept;
     int64_t start, stop;
     int status;
@@ -542,15 +541,43 @@ static void run_linear(void *job) {
     p->status = 0;
 }
 
-/* out[o, i : i + VECTORS*LANES] = alpha * sum_s a[o, s] b[s, i : ...] for rows o0 and o1 (the
- * same row twice for a lone row: it then goes through the same operations as any other). */
+/* A rank update g = alpha a b, a = lt ([rows, samples], already transposed), b = [samples, cols]
+ * with its rows `stride` apart, for the rows [start, stop) of g. With `overwrite`, out = g
+ * (eqprop_outer); else out += g * to_total and, where param is not NULL, param += g * to_param
+ * (eqprop_continual_phase: an update is made where its product is summed, g is never stored). */
+typedef struct {
+    const REAL *lt, *b;
+    REAL *out, *param;
+    int64_t samples, rows, cols, stride;
+    REAL alpha, to_total, to_param;
+    int overwrite;
+    int64_t start, stop;
+    int status;
+} Outer;
+
+static inline void outer_store(const Outer *p, int64_t o, int64_t i, vec sum) {
+    const vec g = splat(p->alpha) * sum;
+    REAL *t = p->out + o * p->cols + i;
+    if (p->overwrite) {
+        store(t, g);
+        return;
+    }
+    store(t, load(t) + g * splat(p->to_total));
+    if (p->param != NULL) {
+        REAL *w = p->param + o * p->cols + i;
+        store(w, load(w) + g * splat(p->to_param));
+    }
+}
+
+/* g[o, i : i + VECTORS*LANES] for rows o0 and o1 (a lone row is passed as o1 = o0: it goes
+ * through the same operations as any other, its copy dropped) */
 #define OUTER_KERNEL(VECTORS)                                                                     \
-    static void outer_##VECTORS(const Product *p, int64_t o0, int64_t o1, int64_t i) {            \
-        const REAL *d0 = p->a + o0 * p->batch, *d1 = p->a + o1 * p->batch;                        \
+    static void outer_##VECTORS(const Outer *p, int64_t o0, int64_t o1, int64_t i) {              \
+        const REAL *d0 = p->lt + o0 * p->samples, *d1 = p->lt + o1 * p->samples;                  \
         vec a[VECTORS] = {0}, c[VECTORS] = {0};                                                   \
-        for (int64_t s = 0; s < p->batch; s++) {                                                  \
+        for (int64_t s = 0; s < p->samples; s++) {                                                \
             const vec s0 = splat(d0[s]), s1 = splat(d1[s]);                                       \
-            const REAL *x = p->b + s * p->in + i;                                                 \
+            const REAL *x = p->b + s * p->stride + i;                                             \
             for (int v = 0; v < VECTORS; v++) {                                                   \
                 vec xv = load(x + v * LANES);                                                     \
                 IN_REGISTER(xv); /* one load for both rows (not one per FMA) */                   \
@@ -558,34 +585,35 @@ static void run_linear(void *job) {
                 c[v] += s1 * xv;                                                                  \
             }                                                                                     \
         }                                                                                         \
-        const vec alpha = splat(p->alpha);                                                        \
         for (int v = 0; v < VECTORS; v++) {                                                       \
-            store(p->out + o0 * p->in + i + v * LANES, alpha * a[v]);                             \
-            store(p->out + o1 * p->in + i + v * LANES, alpha * c[v]);                             \
+            outer_store(p, o0, i + v * LANES, a[v]);                                              \
+            if (o1 != o0) outer_store(p, o1, i + v * LANES, c[v]);                                \
         }                                                                                         \
     }
 #define OUTER_VECTORS 6  /* the vectors of outer_6 */
 OUTER_KERNEL(6) OUTER_KERNEL(1)
 
-/* out[o, :] = alpha * sum_s a[o, s] b[s, :] for the rows o of this slice; a = left^T
- * ([width, batch]), b = right ([batch, in]). Two rows and OUTER_VECTORS vectors of inputs at a
- * time (twelve accumulators); the columns are the outer loop, so that the slice of b they read
- * stays in the L1 cache while every row pair passes over it. */
+/* Two rows and OUTER_VECTORS vectors of columns at a time (twelve accumulators); the columns
+ * are the outer loop, so that the slice of b they read stays in the L1 cache while every row
+ * pair passes over it. */
 static void run_outer(void *job) {
-    const Product *p = job;
-    const int64_t in = p->in;
+    Outer *p = job;
+    const int64_t cols = p->cols;
     int64_t i = 0;
-    for (; i + OUTER_VECTORS * LANES <= in; i += OUTER_VECTORS * LANES)
+    for (; i + OUTER_VECTORS * LANES <= cols; i += OUTER_VECTORS * LANES)
         for (int64_t o = p->start; o < p->stop; o += 2) outer_6(p, o, o + 1 < p->stop ? o + 1 : o, i);
-    for (; i + LANES <= in; i += LANES)
+    for (; i + LANES <= cols; i += LANES)
         for (int64_t o = p->start; o < p->stop; o += 2) outer_1(p, o, o + 1 < p->stop ? o + 1 : o, i);
-    for (; i < in; i++)
+    for (; i < cols; i++)
         for (int64_t o = p->start; o < p->stop; o++) {
-            REAL t = 0;
-            for (int64_t s = 0; s < p->batch; s++) t += p->a[o * p->batch + s] * p->b[s * in + i];
-            p->out[o * in + i] = p->alpha * t;
+            REAL sum = 0;
+            for (int64_t s = 0; s < p->samples; s++) sum += p->lt[o * p->samples + s] * p->b[s * p->stride + i];
+            const REAL g = p->alpha * sum;
+            REAL *t = p->out + o * cols + i;
+            *t = p->overwrite ? g : *t + g * p->to_total;
+            if (p->param != NULL) p->param[o * cols + i] += g * p->to_param;
         }
-    ((Product *)job)->status = 0;
+    p->status = 0;
 }
 
 /*
@@ -763,6 +791,18 @@ static int run_product(void (*run)(void *), Product product, int64_t threads) {
     return status;
 }
 
+/* Run a rank update's rows [0, rows) in slices, as run_product does. */
+static void run_outer_rows(Outer outer, int64_t threads) {
+    Outer jobs[MAX_THREADS];
+    const int64_t count = slices(outer.rows, MIN_PRODUCT_ROWS, threads);
+    for (int64_t i = 0; i < count; i++) {
+        jobs[i] = outer;
+        jobs[i].start = outer.rows * i / count;
+        jobs[i].stop = outer.rows * (i + 1) / count;
+    }
+    run_parallel(run_outer, jobs, sizeof(Outer), count);
+}
+
 /*
  * out = x W^T + bias: x [batch, in], weight [width, in], bias [width], out [batch, width], all
  * row-major and contiguous. Split by rows of W across `threads` threads. An input that is zero
@@ -792,7 +832,7 @@ int eqprop_linear(const REAL *x, const REAL *weight, const REAL *bias, REAL *out
         for (int64_t s = batch; s < pad; s++) row[s] = 0;
         if (!zero) columns[kept++] = i;
     }
-    const int status = run_product(run_linear, (Product){xt, weight, bias, out, batch, width, in, pad, 0, columns,
+    const int status = run_product(run_linear, (Product){xt, weight, bias, out, batch, width, in, pad, columns,
                                                          kept, 0, 0, 0}, threads);
     free(columns);
     free(xt);
@@ -801,101 +841,34 @@ int eqprop_linear(const REAL *x, const REAL *weight, const REAL *bias, REAL *out
 
 /*
  * out = alpha left^T right: left [batch, width], right [batch, in], out [width, in], all
- * row-major and contiguous. Split by rows of out across `threads` threads. Returns 0, or 1 if
- * scratch memory could not be allocated.
+ * row-major and contiguous. Split by rows of out across `threads` threads. right's rows are
+ * copied `pad` apart: at a stride of a power of two bytes (a 512-wide layer's 2 KiB), the same
+ * columns of every sample would fall into the same few sets of the L1 cache. Returns 0, or 1
+ * if scratch memory could not be allocated.
  */
 int eqprop_outer(const REAL *left, const REAL *right, REAL *out, int64_t batch, int64_t width, int64_t in,
                  double alpha, int64_t threads) {
-    REAL *lt = aligned_reals(width * batch);
-    if (lt == NULL) return 1;
+    const int64_t pad = (in + LANES - 1) / LANES * LANES + LANES;
+    REAL *lt = aligned_reals(width * batch), *rows = aligned_reals(batch * pad);
+    if (lt == NULL || rows == NULL) {
+        free(lt);
+        free(rows);
+        return 1;
+    }
     for (int64_t s = 0; s < batch; s++)
         for (int64_t o = 0; o < width; o++) lt[o * batch + s] = left[s * width + o];
-    const int status = run_product(run_outer, (Product){lt, right, NULL, out, batch, width, in, 0, (REAL)alpha, NULL, 0, 0, 0, 0},
-                                   threads);
+    for (int64_t s = 0; s < batch; s++) memcpy(rows + s * pad, right + s * in, (size_t)in * sizeof(REAL));
+    run_outer_rows((Outer){lt, rows, out, NULL, batch, width, in, pad, (REAL)alpha, 0, 0, 1, 0, 0, 0}, threads);
+    free(rows);
     free(lt);
-    return status;
+    return 0;
 }
 
 /* ---- continual EP and VF: a nudged phase whose weights move at every step ---------------- */
 
-/* One moving weight matrix's update: g = alpha * a b, a = lt ([rows, samples], already
- * transposed), b = [samples, cols]; then total += g * to_total and, where to_param is not 0,
- * param += g * to_param (both [rows, cols], row-major). Two rows and MOVING_VECTORS vectors of
- * columns at a time, as in run_outer; the sums are used where they are made, so that g is never
- * stored. */
-typedef struct {
-    const REAL *lt, *b;
-    REAL *total, *param;
-    int64_t samples, rows, cols, stride;   /* stride: between the rows of b (at least cols) */
-    REAL alpha, to_total, to_param;
-    int64_t start, stop;
-    int status;
-} Moving;
-
-static inline void moving_store(const Moving *p, int64_t o, int64_t i, vec sum) {
-    const vec g = splat(p->alpha) * sum;
-    REAL *t = p->total + o * p->cols + i;
-    store(t, load(t) + g * splat(p->to_total));
-    if (p->to_param != 0) {
-        REAL *w = p->param + o * p->cols + i;
-        store(w, load(w) + g * splat(p->to_param));
-    }
-}
-
-#define MOVING_KERNEL(VECTORS)                                                                    \
-    static void moving_##VECTORS(const Moving *p, int64_t o0, int64_t o1, int64_t i) {            \
-        const REAL *d0 = p->lt + o0 * p->samples, *d1 = p->lt + o1 * p->samples;                  \
-        vec a[VECTORS] = {0}, c[VECTORS] = {0};                                                   \
-        for (int64_t s = 0; s < p->samples; s++) {                                                \
-            const vec s0 = splat(d0[s]), s1 = splat(d1[s]);                                       \
-            const REAL *x = p->b + s * p->stride + i;                                             \
-            for (int v = 0; v < VECTORS; v++) {                                                   \
-                vec xv = load(x + v * LANES);                                                     \
-                IN_REGISTER(xv);                                                                  \
-                a[v] += s0 * xv;                                                                  \
-                c[v] += s1 * xv;                                                                  \
-            }                                                                                     \
-        }                                                                                         \
-        for (int v = 0; v < VECTORS; v++) {                                                       \
-            moving_store(p, o0, i + v * LANES, a[v]);                                             \
-            if (o1 != o0) moving_store(p, o1, i + v * LANES, c[v]);                               \
-        }                                                                                         \
-    }
-#define MOVING_VECTORS 4
-MOVING_KERNEL(4) MOVING_KERNEL(1)
-
-static void run_moving(void *job) {
-    Moving *p = job;
-    const int64_t cols = p->cols;
-    int64_t i = 0;
-    for (; i + MOVING_VECTORS * LANES <= cols; i += MOVING_VECTORS * LANES)
-        for (int64_t o = p->start; o < p->stop; o += 2) moving_4(p, o, o + 1 < p->stop ? o + 1 : o, i);
-    for (; i + LANES <= cols; i += LANES)
-        for (int64_t o = p->start; o < p->stop; o += 2) moving_1(p, o, o + 1 < p->stop ? o + 1 : o, i);
-    for (; i < cols; i++)
-        for (int64_t o = p->start; o < p->stop; o++) {
-            REAL sum = 0;
-            for (int64_t s = 0; s < p->samples; s++) sum += p->lt[o * p->samples + s] * p->b[s * p->stride + i];
-            const REAL g = p->alpha * sum;
-            p->total[o * cols + i] += g * p->to_total;
-            if (p->to_param != 0) p->param[o * cols + i] += g * p->to_param;
-        }
-    p->status = 0;
-}
-
-static void run_moving_rows(Moving moving, int64_t threads) {
-    Moving jobs[MAX_THREADS];
-    const int64_t count = slices(moving.rows, MIN_PRODUCT_ROWS, threads);
-    for (int64_t i = 0; i < count; i++) {
-        jobs[i] = moving;
-        jobs[i].start = moving.rows * i / count;
-        jobs[i].stop = moving.rows * (i + 1) / count;
-    }
-    run_parallel(run_moving, jobs, sizeof(Moving), count);
-}
-
-/* The bias update of a layer: g = alpha * sum over the kept samples of (after - before). */
-static void moving_bias(REAL *bias, REAL *total, const REAL *after, const REAL *before, const int64_t *kept,
+/* The bias update of a layer: g = alpha * sum over the kept samples of (after - before), as
+ * run_outer's updates. */
+static void bias_update(REAL *bias, REAL *total, const REAL *after, const REAL *before, const int64_t *kept,
                         int64_t count, int64_t width, REAL alpha, REAL to_total, REAL to_param) {
     for (int64_t o = 0; o < width; o++) {
         REAL sum = 0;
@@ -1023,9 +996,10 @@ int eqprop_continual_phase(int64_t layers, const int64_t *sizes, REAL *const *we
                     memcpy(rows + (count + j) * padded, current[n - 1] + b * in, (size_t)in * sizeof(REAL));
                 }
             }
-            run_moving_rows((Moving){lt, rows, total_w[n], weights[n], samples, width, in, padded, alpha, to_total,
-                                     (REAL)rate_w[n], 0, 0, 0}, threads);
-            moving_bias(biases[n], total_b[n], next[n], current[n], kept, count, width, alpha, to_total,
+            REAL *moved = rate_w[n] != 0 ? weights[n] : NULL;   /* a frozen matrix only counts */
+            run_outer_rows((Outer){lt, rows, total_w[n], moved, samples, width, in, padded, alpha, to_total,
+                                   (REAL)rate_w[n], 0, 0, 0, 0}, threads);
+            bias_update(biases[n], total_b[n], next[n], current[n], kept, count, width, alpha, to_total,
                         (REAL)rate_b[n]);
         }
         if (rule_vf)   /* B_m: (s^{m-1}_{t+1} - s^{m-1}_t) (s^m_t)^T, then its transpose for the steps */
@@ -1037,8 +1011,9 @@ int eqprop_continual_phase(int64_t layers, const int64_t *sizes, REAL *const *we
                         lt[i * count + j] = next[m - 1][b * height + i] - current[m - 1][b * height + i];
                     memcpy(rows + j * padded, current[m] + b * width, (size_t)width * sizeof(REAL));
                 }
-                run_moving_rows((Moving){lt, rows, total_back[m], backward[m], count, height, width, padded, alpha,
-                                         to_total, (REAL)rate_back[m], 0, 0, 0}, threads);
+                REAL *moved = rate_back[m] != 0 ? backward[m] : NULL;
+                run_outer_rows((Outer){lt, rows, total_back[m], moved, count, height, width, padded, alpha, to_total,
+                                       (REAL)rate_back[m], 0, 0, 0, 0}, threads);
                 transpose(top_down[m - 1], backward[m], height, width);
             }
         /* the telescoped first layer: Δ_t = keep (s^0_{t+1} - s^0_0), drive = drive0 + mixing Δ_t */
