@@ -84,8 +84,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import Tensor
 
-from ..models.base import Clamped, EnergyModel, State
 from ..cpu_kernels.continual import continual_steps
+from ..models.base import Clamped, EnergyModel, State
 from ..models.mlp import MLPClamped, PMLP
 from ..solvers import SolverStats
 from .base import Estimate, Estimator, Phases, register
