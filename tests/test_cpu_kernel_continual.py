@@ -102,3 +102,24 @@ def test_the_kernel_steps_aside_where_it_does_not_apply():
                                                 F.one_hot(torch.arange(4) % 7, 7).double(), 3,
                                                 [0.1] * 4, "ep", None, None,
                                                 [torch.zeros_like(p) for p in plain.trainable_parameters()]) is None
+
+
+@pytest.mark.parametrize("preset", ["cep-1h", "cvf-1h"])
+def test_a_training_run_on_the_kernel_takes_its_nudged_phases_there(preset, tmp_path, monkeypatch):
+    from eqprop import validate_config
+    from eqprop.presets import load_preset
+    from eqprop.training.trainer import train
+    data = load_preset(preset)
+    data["data"] = {"dataset": "mnist-demo", "train_subset": 60, "test_subset": 20}
+    data["dynamics"].update(t1=5, t2=3)
+    data["train"].update(epochs=1, cpu_kernels=True, threads=1, cpu_kernel_threads=1)
+    ran = []
+
+    def spy(*args):
+        result = kernel_continual.continual_steps(*args)
+        ran.append(result is not None)
+        return result
+
+    monkeypatch.setattr(continual, "continual_steps", spy)
+    train(validate_config(data), tmp_path, log=lambda _: None)
+    assert len(ran) == 3 and all(ran)   # each of the 3 batches' nudged phases ran in the kernel
