@@ -976,16 +976,15 @@ int eqprop_continual_phase(int64_t layers, const int64_t *sizes, REAL *const *we
         if (status != 0) break;
         for (int64_t n = 1; n < layers; n++) {
             const int64_t width = sizes[n], in = sizes[n - 1];
-            int64_t samples = 0;
+            const int64_t samples = rule_vf ? count : 2 * count;
             if (rule_vf) {   /* (s^n_{t+1} - s^n_t) (s^{n-1}_t)^T */
-                for (int64_t j = 0; j < count; j++, samples++) {
+                for (int64_t j = 0; j < count; j++) {
                     const int64_t b = kept[j];
                     for (int64_t o = 0; o < width; o++)
                         lt[o * count + j] = next[n][b * width + o] - current[n][b * width + o];
                     memcpy(rows + j * padded, current[n - 1] + b * in, (size_t)in * sizeof(REAL));
                 }
             } else {         /* s^n_{t+1} (s^{n-1}_{t+1})^T - s^n_t (s^{n-1}_t)^T */
-                samples = 2 * count;
                 for (int64_t j = 0; j < count; j++) {
                     const int64_t b = kept[j];
                     for (int64_t o = 0; o < width; o++) {
