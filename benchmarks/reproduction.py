@@ -203,7 +203,8 @@ def main() -> None:
         print(json.dumps(entry, indent=1))
         if entry["epochs_run"] < entry["epochs_target"] and not args.stopped:
             print(f"to continue it in a later session, commit {args.folder}/checkpoint.pt and best.pt with the "
-                  "record: a machine's local files do not outlive it", file=sys.stderr)
+                  "record where each is within the repository's 3 MB file limit: a machine's local files do not "
+                  "outlive it", file=sys.stderr)
         return
     rendered = table()
     print(rendered)
